@@ -1,0 +1,1 @@
+"""seqio tasks."""

@@ -1,0 +1,156 @@
+"""Model configuration: one frozen dataclass and a table of size presets.
+
+Example:
+  >>> from uncurl_jax import configs
+  >>> cfg = configs.get("354m", num_experts=32)
+  >>> cfg.moe_layers[:3], len(cfg.moe_layers)
+  ((0, 2, 4), 12)
+  >>> small = dataclasses.replace(cfg, num_experts=8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+DISPATCH_MODES = ("einsum", "gather")
+EXPERT_PARALLEL_MODES = ("auto", "never")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of a GPT-2-style SMoE decoder.
+
+  Attributes:
+    vocab_size: Number of token ids.
+    max_length: Number of learned positions (longest sequence).
+    d_model: Width of the residual stream.
+    d_ff: Hidden width of every FFN and of every expert.
+    num_heads: Attention heads; must divide d_model.
+    num_layers: Transformer blocks.
+    num_experts: Experts per MoE layer; 0 gives a dense model (no MoE layer).
+    top_k: Experts each token is sent to (1 = Switch, 2 = GShard-style).
+    moe_every: An MoE FFN every `moe_every` blocks ...
+    moe_offset: ... starting at this block (0: blocks 0, 2, 4, ...).
+    train_capacity_factor: Expert capacity factor when dropout is enabled.
+    eval_capacity_factor: Expert capacity factor in deterministic calls.
+    min_capacity: Lower bound on the per-group expert capacity.
+    dropless: If True, capacity is large enough that no token is dropped.
+    group_size: Tokens per routing group (capacity is per group); None routes
+      each sequence as one group.
+    dispatch: "einsum" (one-hot dispatch/combine masks, the t5x way) or
+      "gather" (index-based scatter into [E, C, d] buffers and gather back).
+    expert_parallel: "auto" uses the shard_map all-to-all path when the
+      current mesh has an 'expert' axis larger than one; "never" disables it.
+    aux_loss_coef: Weight of the Switch load-balancing loss.
+    z_loss_coef: Weight of the router z-loss.
+    dropout_rate: Dropout on attention output, FFN output and embeddings.
+    tie_embeddings: Share the token embedding with the output projection.
+    dtype: Compute dtype, "float32" or "bfloat16" (router always float32).
+    param_dtype: Storage dtype of parameters.
+    layer_norm_epsilon: LayerNorm epsilon.
+    init_std: Standard deviation of the normal initializers.
+  """
+
+  vocab_size: int = 50257
+  max_length: int = 1024
+  d_model: int = 1024
+  d_ff: int = 4096
+  num_heads: int = 16
+  num_layers: int = 24
+  num_experts: int = 0
+  top_k: int = 1
+  moe_every: int = 2
+  moe_offset: int = 0
+  train_capacity_factor: float = 1.2
+  eval_capacity_factor: float = 1.0
+  min_capacity: int = 4
+  dropless: bool = False
+  group_size: int | None = None
+  dispatch: str = "einsum"
+  expert_parallel: str = "auto"
+  aux_loss_coef: float = 0.01
+  z_loss_coef: float = 1e-3
+  dropout_rate: float = 0.0
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  layer_norm_epsilon: float = 1e-5
+  init_std: float = 0.02
+
+  def __post_init__(self):
+    positive = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads",
+                "num_layers", "top_k", "moe_every", "min_capacity")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} must divide d_model={self.d_model}")
+    if self.num_experts < 0:
+      raise ValueError(f"num_experts must be >= 0 (0 = dense), got {self.num_experts}")
+    if self.num_experts and self.top_k > self.num_experts:
+      raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+    if not 0 <= self.moe_offset < self.moe_every:
+      raise ValueError(f"moe_offset={self.moe_offset} must be in [0, moe_every={self.moe_every})")
+    for name in ("train_capacity_factor", "eval_capacity_factor"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    if self.group_size is not None and self.group_size < 1:
+      raise ValueError(f"group_size must be None or >= 1, got {self.group_size}")
+    _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
+    _check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_MODES)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  def is_moe_layer(self, index: int) -> bool:
+    """Whether block `index` has an MoE FFN."""
+    return self.num_experts > 0 and index % self.moe_every == self.moe_offset
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the blocks with an MoE FFN."""
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  def capacity(self, group_size: int, *, train: bool) -> int:
+    """Expert capacity (slots per expert) for a routing group of `group_size` tokens."""
+    if self.dropless:
+      return group_size * self.top_k
+    factor = self.train_capacity_factor if train else self.eval_capacity_factor
+    slots = math.ceil(factor * group_size * self.top_k / self.num_experts)
+    return max(self.min_capacity, slots)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f"ModelConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+# Size presets. "354m" is the UNCURL paper's backbone (GPT-2 medium width, 24 blocks);
+# "354m" with num_experts=E is the paper's 354M+Ee. "dense" is the paper's dense baseline.
+PRESETS: dict[str, dict[str, Any]] = {
+    "354m": dict(vocab_size=50257, max_length=1024, d_model=1024, d_ff=4096,
+                 num_heads=16, num_layers=24, num_experts=32),
+    "dense": dict(vocab_size=50257, max_length=1024, d_model=1024, d_ff=4096,
+                  num_heads=16, num_layers=24, num_experts=0),
+    # For tests and the synthetic study: byte vocabulary (256 bytes + 3 specials, padded).
+    "tiny": dict(vocab_size=512, max_length=128, d_model=64, d_ff=128, num_heads=4,
+                 num_layers=2, num_experts=8),
+}
+
+
+def get(name: str, **overrides: Any) -> ModelConfig:
+  """Returns the preset `name` ("354m", "dense", "tiny") with `overrides` applied.
+
+  Example: `get("354m", num_experts=128)` is the paper's 354M+128e.
+  """
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+  return ModelConfig(**{**PRESETS[name], **overrides})
