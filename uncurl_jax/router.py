@@ -1,0 +1,173 @@
+"""Router math for tokens-choose top-k mixture-of-experts layers.
+
+Pure functions over arrays grouped as `[G, S, ...]` (G routing groups of S tokens).
+Capacity is counted per group. The MoE layer (`moe.py`) composes them; they are kept
+separate so each can be checked against a plain reference.
+
+Example:
+  >>> x = jnp.ones((2, 8, 16))                      # [G, S, d]
+  >>> kernel = 0.02 * jax.random.normal(key, (16, 4))
+  >>> logits = router_logits(x, kernel)              # [2, 8, 4] float32
+  >>> routing = route_tokens(logits, top_k=1, capacity=4)
+  >>> routing.kept.shape                             # [G, S, k]
+  (2, 8, 1)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  """Where each (token, choice) goes. All fields are `[G, S, k]`.
+
+  Attributes:
+    expert_index: Chosen expert of each choice, best first (int32).
+    slot: Position of the choice in its expert's buffer; equals `capacity` (one past
+      the end) for dropped choices, so an out-of-bounds scatter drops them.
+    gate: Softmax probability of the chosen expert (float32, not renormalized).
+    kept: Whether the choice fits within capacity.
+    probs: Full router probabilities `[G, S, E]` (float32), for the auxiliary loss.
+  """
+
+  expert_index: jax.Array
+  slot: jax.Array
+  gate: jax.Array
+  kept: jax.Array
+  probs: jax.Array
+
+
+def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Raw router logits `x @ kernel` in float32, whatever the input dtype.
+
+  Example: `router_logits(x_gsd, kernel_de)` has shape `[G, S, E]`.
+  """
+  if x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"router kernel {kernel.shape} does not match input width {x.shape[-1]}")
+  # The router stays in float32 even under bf16 compute: top-k on bf16 logits ties often.
+  return jnp.einsum("...d,de->...e", x.astype(jnp.float32), kernel.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def top_k_choices(probs: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """Experts chosen by each token, best first, and their gate values.
+
+  Example: `expert_index, gate = top_k_choices(probs, 2)` gives two `[G, S, 2]` arrays.
+  """
+  if not 1 <= top_k <= probs.shape[-1]:
+    raise ValueError(f"top_k={top_k} must be in [1, num_experts={probs.shape[-1]}]")
+  gate, expert_index = jax.lax.top_k(probs, top_k)
+  return expert_index.astype(jnp.int32), gate
+
+
+def capacity_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
+  """Buffer position of every (token, choice) in priority order, per group.
+
+  All tokens' first choices are placed in token order, then all second choices, ...;
+  the position counts earlier choices sent to the same expert in the same group.
+
+  Example: tokens choosing experts [[0], [1], [0]] get positions [[0], [0], [1]].
+
+  Args:
+    expert_index: `[G, S, k]` chosen experts.
+    num_experts: E.
+
+  Returns:
+    `[G, S, k]` int32 positions (not yet compared with the capacity).
+  """
+  groups, tokens, top_k = expert_index.shape
+  one_hot = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G, S, k, E]
+  # Choice-major order: [G, k, S, E] flattened so that cumsum runs over priority.
+  by_priority = one_hot.transpose(0, 2, 1, 3).reshape(groups, top_k * tokens, num_experts)
+  position = jnp.cumsum(by_priority, axis=1) - 1
+  position = jnp.sum(position * by_priority, axis=-1)  # [G, k*S]
+  return position.reshape(groups, top_k, tokens).transpose(0, 2, 1).astype(jnp.int32)
+
+
+def route_tokens(logits: jax.Array, *, top_k: int, capacity: int) -> Routing:
+  """Tokens-choose top-k routing with per-group expert capacity.
+
+  Example: `route_tokens(logits, top_k=2, capacity=4).slot` is `[G, S, 2]`.
+
+  Args:
+    logits: `[G, S, E]` raw router logits.
+    top_k: Experts per token.
+    capacity: Slots per expert and group; choices beyond it are dropped.
+  """
+  if logits.ndim != 3:
+    raise ValueError(f"logits must be [groups, tokens, experts], got shape {logits.shape}")
+  if capacity < 1:
+    raise ValueError(f"capacity must be >= 1, got {capacity}")
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  expert_index, gate = top_k_choices(probs, top_k)
+  position = capacity_positions(expert_index, logits.shape[-1])
+  kept = position < capacity
+  slot = jnp.where(kept, position, capacity)
+  return Routing(expert_index=expert_index, slot=slot, gate=gate, kept=kept, probs=probs)
+
+
+def dispatch_and_combine_masks(routing: Routing, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """One-hot dispatch mask and combine weights `[G, S, E, C]` (the einsum form).
+
+  Example: `dispatch, combine = dispatch_and_combine_masks(routing, 4)`; then
+  `jnp.einsum('gsec,gsd->egcd', dispatch, x)` fills the expert buffers.
+
+  Returns:
+    dispatch: float32 0/1 mask, one where token s of group g sits in slot c of expert e.
+    combine: float32, the gate of that choice in the same place.
+  """
+  num_experts = routing.probs.shape[-1]
+  expert_one_hot = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)
+  # Dropped choices have slot == capacity, whose one-hot row is all zeros.
+  slot_one_hot = jax.nn.one_hot(routing.slot, capacity, dtype=jnp.float32)
+  dispatch = jnp.einsum("gske,gskc->gsec", expert_one_hot, slot_one_hot)
+  combine = jnp.einsum("gske,gskc,gsk->gsec", expert_one_hot, slot_one_hot, routing.gate)
+  return dispatch, combine
+
+
+def load_balancing_loss(probs: jax.Array, expert_index: jax.Array) -> jax.Array:
+  """Switch auxiliary loss `E * sum_e f_e * P_e` per group, averaged over groups.
+
+  f_e is the share of tokens whose top-k choices include e (before capacity), P_e the
+  mean router probability of e. A uniform router scores k (1.0 for top-1).
+
+  Example: `load_balancing_loss(routing.probs, routing.expert_index)`.
+  """
+  num_experts = probs.shape[-1]
+  chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
+  token_share = jnp.mean(chosen, axis=-2)  # [G, E]
+  prob_share = jnp.mean(probs.astype(jnp.float32), axis=-2)  # [G, E]
+  return jnp.mean(num_experts * jnp.sum(token_share * prob_share, axis=-1))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """Mean over tokens of `logsumexp(logits)^2` (ST-MoE), which keeps logits small.
+
+  Example: zero logits over E experts give `log(E)**2`.
+  """
+  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.square(log_z))
+
+
+def routing_diagnostics(routing: Routing, capacity: int) -> dict[str, jax.Array]:
+  """Scalar routing statistics under the names t5x's MoE model reads.
+
+  Example: `routing_diagnostics(routing, capacity)['expert_usage']`.
+
+  Returns:
+    fraction_tokens_left_behind: share of tokens dispatched to no expert at all.
+    expert_usage: dispatched choices over total slots (G * E * capacity).
+    router_confidence: mean over tokens of the summed gates of their kept choices.
+  """
+  groups, tokens, _ = routing.kept.shape
+  num_experts = routing.probs.shape[-1]
+  kept = routing.kept.astype(jnp.float32)
+  dispatched_somewhere = jnp.max(kept, axis=-1)
+  return {
+      "fraction_tokens_left_behind": 1.0 - jnp.mean(dispatched_somewhere),
+      "expert_usage": jnp.sum(kept) / (groups * num_experts * capacity),
+      "router_confidence": jnp.mean(jnp.sum(kept * routing.gate, axis=-1)),
+  }
