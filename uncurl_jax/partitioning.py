@@ -16,6 +16,7 @@ import functools
 import math
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 from flax.linen import partitioning as nn_partitioning
 import jax
@@ -64,7 +65,7 @@ def make_mesh(*, data: int = -1, expert: int = 1, model: int = 1,
 
 def logical_specs(params_axes: Any) -> Any:
   """The 'params_axes' collection -> a pytree (shaped like params) of logical PartitionSpecs."""
-  return nn_partitioning.get_axis_names(params_axes)
+  return flax.core.unfreeze(nn_partitioning.get_axis_names(params_axes))
 
 
 def mesh_shardings(params_axes: Any, mesh: Mesh,

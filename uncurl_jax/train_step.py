@@ -59,11 +59,11 @@ def train_step(state: TrainState, batch: Batch, rng: jax.Array, *,
   loss_fn = functools.partial(_forward_loss, apply_fn=state.apply_fn, batch=batch,
                               config=config, enable_dropout=True, dropout_rng=dropout_rng)
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return state.apply_gradients(grads=grads), metrics
 
 
-def eval_step(params: Any, apply_fn, batch: Batch, *,
+def eval_step(params: Any, batch: Batch, *, apply_fn,
               config: configs.ModelConfig) -> dict[str, jax.Array]:
   """Loss metrics without dropout and with the evaluation capacity factor."""
   _, metrics = _forward_loss(params, apply_fn, batch, config, enable_dropout=False,
