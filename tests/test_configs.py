@@ -2,10 +2,13 @@
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
+
 import pytest
 
 from uncurl_jax import configs
-from uncurl_jax.decoder import param_count
+from uncurl_jax.decoder import SMoEDecoder, param_count
 
 
 def _hand_count(cfg: configs.ModelConfig) -> int:
@@ -95,3 +98,19 @@ def test_unknown_preset_and_non_config_raise():
     configs.get("huge")
   with pytest.raises(TypeError, match="ModelConfig"):
     param_count({"d_model": 64})
+
+
+def test_per_layer_expert_counts():
+  cfg = configs.get("tiny", num_layers=4, num_experts=8, layer_num_experts=[4, 2])
+  assert cfg.layer_num_experts == (4, 2)
+  assert [cfg.experts_in_layer(i) for i in range(4)] == [4, 0, 2, 0]
+  assert cfg.layer_config(2).num_experts == 2 and cfg.layer_config(2).layer_num_experts is None
+  assert cfg.layer_config(1) is cfg
+  shapes = jax.eval_shape(lambda: SMoEDecoder(cfg).init(
+      jax.random.key(0), jnp.ones((1, 8)), jnp.ones((1, 8)), enable_dropout=False))["params"]
+  assert shapes["layers_0"]["mlp"]["expert"]["wi"]["kernel"].shape[0] == 4
+  assert shapes["layers_2"]["mlp"]["router"]["kernel"].shape == (cfg.d_model, 2)
+  with pytest.raises(ValueError, match="one count per"):
+    configs.get("tiny", num_layers=4, layer_num_experts=(4,))
+  with pytest.raises(ValueError, match="top_k"):
+    configs.get("tiny", num_layers=4, top_k=2, layer_num_experts=(4, 1))

@@ -31,6 +31,10 @@ class ModelConfig:
     num_heads: Attention heads; must divide d_model.
     num_layers: Transformer blocks.
     num_experts: Experts per MoE layer; 0 gives a dense model (no MoE layer).
+    layer_num_experts: Optional per-MoE-layer expert counts (one per entry of
+      `moe_layers`, in order) overriding `num_experts`, for models pruned to a
+      different count per layer (MC-SMoE, per-layer targets). `num_experts` then
+      only says which blocks are MoE (> 0).
     top_k: Experts each token is sent to (1 = Switch, 2 = GShard-style).
     moe_every: An MoE FFN every `moe_every` blocks ...
     moe_offset: ... starting at this block (0: blocks 0, 2, 4, ...).
@@ -61,6 +65,7 @@ class ModelConfig:
   num_heads: int = 16
   num_layers: int = 24
   num_experts: int = 0
+  layer_num_experts: tuple[int, ...] | None = None
   top_k: int = 1
   moe_every: int = 2
   moe_offset: int = 0
@@ -92,6 +97,15 @@ class ModelConfig:
       raise ValueError(f"num_experts must be >= 0 (0 = dense), got {self.num_experts}")
     if self.num_experts and self.top_k > self.num_experts:
       raise ValueError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+    if self.layer_num_experts is not None:
+      counts = tuple(self.layer_num_experts)
+      if self.num_experts < 1 or len(counts) != len(self.moe_layers):
+        raise ValueError(f"layer_num_experts={counts} needs num_experts >= 1 and one count per "
+                         f"MoE layer {self.moe_layers}")
+      if min(counts) < self.top_k:
+        raise ValueError(f"layer_num_experts={counts} has a layer with fewer experts than "
+                         f"top_k={self.top_k}")
+      object.__setattr__(self, "layer_num_experts", counts)
     if not 0 <= self.moe_offset < self.moe_every:
       raise ValueError(f"moe_offset={self.moe_offset} must be in [0, moe_every={self.moe_every})")
     for name in ("train_capacity_factor", "eval_capacity_factor"):
@@ -118,6 +132,21 @@ class ModelConfig:
   def moe_layers(self) -> tuple[int, ...]:
     """Indices of the blocks with an MoE FFN."""
     return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  def experts_in_layer(self, index: int) -> int:
+    """Experts of block `index` (0 for a dense block)."""
+    if not self.is_moe_layer(index):
+      return 0
+    if self.layer_num_experts is None:
+      return self.num_experts
+    return self.layer_num_experts[self.moe_layers.index(index)]
+
+  def layer_config(self, index: int) -> "ModelConfig":
+    """The config an MoE block sees: `num_experts` set to that block's count."""
+    experts = self.experts_in_layer(index)
+    if self.layer_num_experts is None or experts == 0:
+      return self
+    return dataclasses.replace(self, num_experts=experts, layer_num_experts=None)
 
   def capacity(self, group_size: int, *, train: bool) -> int:
     """Expert capacity (slots per expert) for a routing group of `group_size` tokens."""

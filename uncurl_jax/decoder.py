@@ -220,7 +220,7 @@ class SMoEDecoder(nn.Module):
         others["decoder_target_tokens"], others["decoder_segment_ids"],
         others["decoder_causal_attention"], length=tokens.shape[1])
     for i in range(cfg.num_layers):
-      x = DecoderBlock(cfg, use_moe=cfg.is_moe_layer(i),
+      x = DecoderBlock(cfg.layer_config(i), use_moe=cfg.is_moe_layer(i),
                        attention_implementation=self.attention_implementation,
                        name=f"layers_{i}")(
           x, mask, causal=decoder_causal_attention is None, enable_dropout=enable_dropout,
