@@ -169,7 +169,7 @@ def _pruned_vs_scratch(args):
   source = jax.device_get(_init(source_cfg, one_device, batch, args.length))
   rng = np.random.default_rng(0)
   logits = {path: rng.normal(size=(4096, 32)).astype(np.float32)
-            for path in pruning.moe_layer_paths(source)}
+            for path in pruning.find_moe_layers(source)}
   pruned = pruning.prune_params(source, logits, 8, method="frequency")
   shardings = partitioning.init_params(SMoEDecoder(target_cfg), jax.random.key(1),
                                        (batch, args.length), mesh)[1]

@@ -1,0 +1,176 @@
+"""Where each MoE layer keeps its router and expert weights in a parameter pytree.
+
+A `MoeLayout` names, relative to an MoE layer's subtree, the paths of the router kernel
+and of the stacked expert weights. MoE layers are found as the subtrees holding a router
+kernel; each is keyed by its '/'-joined path in `params` ('layers_0/mlp').
+
+Example:
+  >>> from uncurl_jax.pruning import layout as layout_lib
+  >>> layers = layout_lib.find_moe_layers(params)          # this project's models
+  >>> sorted(layers)
+  ['layers_0/mlp', 'layers_2/mlp']
+  >>> layers["layers_0/mlp"].wi_kernel.shape                # [E, d, f]
+  >>> t5x_layers = layout_lib.find_moe_layers(t5x_params, layout_lib.T5X_LAYOUT)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayout:
+  """Paths, relative to an MoE layer's subtree, of the weights pruning reads and writes.
+
+  Every field is a '/'-separated path; a bias field may be None when the model has no
+  such bias. A named path must exist in every MoE layer, and every leaf of an MoE layer's
+  subtree must be named here (an unnamed leaf would keep E experts after pruning).
+
+  Attributes:
+    router_kernel: Router kernel, [d, E] (logits = x @ kernel).
+    router_bias: Router bias, [E], or None.
+    wi_kernel: First expert projection, [E, d, f].
+    wi_bias: First projection bias, [E, f], or None.
+    wo_kernel: Second expert projection, [E, f, d].
+    wo_bias: Second projection bias, [E, d], or None.
+  """
+
+  router_kernel: str = "router/kernel"
+  router_bias: str | None = None
+  wi_kernel: str = "expert/wi/kernel"
+  wi_bias: str | None = "expert/wi/bias"
+  wo_kernel: str = "expert/wo/kernel"
+  wo_bias: str | None = "expert/wo/bias"
+
+  def named_paths(self) -> dict[str, str]:
+    """Field name -> path, for the fields that name a path."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None}
+
+  def to_dict(self) -> dict[str, str | None]:
+    return dataclasses.asdict(self)
+
+
+# This project's SMoEDecoder (docs/DESIGN.md).
+DEFAULT_LAYOUT = MoeLayout()
+
+# t5x / flaxformer MoE checkpoints: router under router/router_weights/w, experts without
+# biases. flaxformer's RouterWeights may carry a bias: describe it with
+# `dataclasses.replace(T5X_LAYOUT, router_bias="router/router_weights/w/bias")`.
+T5X_LAYOUT = MoeLayout(
+    router_kernel="router/router_weights/w/kernel", router_bias=None,
+    wi_kernel="expert/wi/kernel", wi_bias=None,
+    wo_kernel="expert/wo/kernel", wo_bias=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeLayerWeights:
+  """The arrays of one MoE layer (numpy or jax arrays, as stored in the params)."""
+
+  router_kernel: Any
+  router_bias: Any
+  wi_kernel: Any
+  wi_bias: Any
+  wo_kernel: Any
+  wo_bias: Any
+
+  @property
+  def num_experts(self) -> int:
+    return self.wi_kernel.shape[0]
+
+  @property
+  def d_ff(self) -> int:
+    return self.wi_kernel.shape[2]
+
+
+def split_path(path: str) -> Path:
+  return tuple(part for part in path.split("/") if part)
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[Path, Any]:
+  """Flat {path tuple: leaf} view of a nested mapping (dict or FrozenDict)."""
+  if not isinstance(params, Mapping):
+    raise TypeError(f"params must be a nested mapping of arrays, got {type(params).__name__}")
+  return flax.traverse_util.flatten_dict(params)
+
+
+def find_moe_layers(params: Mapping[str, Any],
+                    layout: MoeLayout = DEFAULT_LAYOUT) -> dict[str, MoeLayerWeights]:
+  """Finds the MoE layers of `params` described by `layout` and checks their shapes.
+
+  Args:
+    params: Nested mapping of arrays (the model's 'params' collection).
+    layout: Where each MoE layer keeps its weights.
+
+  Returns:
+    {layer path: MoeLayerWeights}, in the order the layers appear in `params`.
+
+  Raises:
+    ValueError: No MoE layer found, a named path missing, a leaf of an MoE layer not named
+      by the layout, or shapes that disagree.
+
+  Example:
+    >>> layers = find_moe_layers(params)                 # this project's SMoEDecoder
+    >>> layers["layers_0/mlp"].num_experts, layers["layers_0/mlp"].d_ff
+    (8, 128)
+  """
+  flat = flatten_params(params)
+  router_suffix = split_path(layout.router_kernel)
+  prefixes = [path[:-len(router_suffix)] for path in flat
+              if path[-len(router_suffix):] == router_suffix]
+  if not prefixes:
+    raise ValueError(
+        f"no MoE layer found: no parameter path ends with {layout.router_kernel!r} "
+        f"(layout {layout}); pass the MoeLayout that describes these params")
+  layers = {}
+  for prefix in prefixes:
+    layers["/".join(prefix)] = _read_layer(flat, prefix, layout)
+  return layers
+
+
+def _read_layer(flat: dict[Path, Any], prefix: Path, layout: MoeLayout) -> MoeLayerWeights:
+  name = "/".join(prefix)
+  named = layout.named_paths()
+  arrays = {}
+  for field_name, rel_path in named.items():
+    path = prefix + split_path(rel_path)
+    if path not in flat:
+      raise ValueError(f"MoE layer {name!r}: layout names {rel_path!r} ({field_name}) but "
+                       f"params have no {'/'.join(path)!r}")
+    arrays[field_name] = flat[path]
+  known = {prefix + split_path(p) for p in named.values()}
+  for path in flat:
+    if path[:len(prefix)] == prefix and path not in known:
+      raise ValueError(
+          f"MoE layer {name!r}: parameter {'/'.join(path)!r} is not described by the "
+          f"layout (it would keep all experts after pruning); name it in the MoeLayout")
+  weights = MoeLayerWeights(**{f.name: arrays.get(f.name)
+                               for f in dataclasses.fields(MoeLayerWeights)})
+  _check_shapes(name, weights)
+  return weights
+
+
+def _check_shapes(name: str, w: MoeLayerWeights) -> None:
+  if len(w.router_kernel.shape) != 2:
+    raise ValueError(f"MoE layer {name!r}: router kernel must be [d, E], got shape "
+                     f"{tuple(w.router_kernel.shape)}")
+  d, num_experts = w.router_kernel.shape
+  if len(w.wi_kernel.shape) != 3:
+    raise ValueError(f"MoE layer {name!r}: wi kernel must be [E, d, f], got shape "
+                     f"{tuple(w.wi_kernel.shape)}")
+  f = w.wi_kernel.shape[2]
+  expected = {"router_bias": (num_experts,), "wi_kernel": (num_experts, d, f),
+              "wi_bias": (num_experts, f), "wo_kernel": (num_experts, f, d),
+              "wo_bias": (num_experts, d)}
+  for field_name, shape in expected.items():
+    array = getattr(w, field_name)
+    if array is not None and tuple(array.shape) != shape:
+      raise ValueError(f"MoE layer {name!r}: {field_name} has shape {tuple(array.shape)}, "
+                       f"expected {shape} from the router kernel {(d, num_experts)} and "
+                       f"d_ff={f}")
