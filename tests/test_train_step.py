@@ -26,7 +26,7 @@ def _batch(batch=8, length=16, seed=0):
 def _state(cfg, mesh=None, batch_shape=(8, 16), tx=None):
   model = SMoEDecoder(cfg)
   if tx is None:
-    tx = optim.make_optimizer(total_steps=100, peak_learning_rate=3e-3, warmup_steps=0)
+    tx = optim.make_optimizer(total_steps=100, peak_learning_rate=1e-2, warmup_steps=0)
   if mesh is None:
     params = model.init(jax.random.key(0), jnp.ones(batch_shape), jnp.ones(batch_shape),
                         enable_dropout=False)["params"]
@@ -41,11 +41,11 @@ def test_train_step_fits_a_fixed_batch():
   step = train_step.compile_train_step(CFG)
   batch = _batch()
   losses = []
-  for _ in range(30):
+  for _ in range(15):
     state, metrics = step(state, batch, jax.random.key(1))
     losses.append(float(metrics["loss"]))
   assert losses[-1] < 0.7 * losses[0], losses
-  assert int(state.step) == 30
+  assert int(state.step) == 15
   for name in ("auxiliary_loss", "router_z_loss", "expert_usage", "grad_norm", "accuracy"):
     assert np.isfinite(metrics[name]), name
 
@@ -72,9 +72,9 @@ def test_init_params_shards_experts_over_expert_axis():
   assert shardings["layers_0"]["mlp"]["expert"]["wo"]["kernel"].spec[0] == "expert"
 
 
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_expert_parallel_train_step_equals_single_device(top_k):
-  cfg = dataclasses.replace(CFG, top_k=top_k, train_capacity_factor=0.8)  # drops tokens
+def test_expert_parallel_train_step_equals_single_device():
+  # Top-2 with dropping; tests/test_expert_parallel.py covers the layer case by case.
+  cfg = dataclasses.replace(CFG, top_k=2, train_capacity_factor=0.8)
   batch = _batch()
   # Plain SGD with rate 1: the parameter change is the gradient itself (Adam's first step
   # would normalize away the gradient scale and amplify rounding near zero gradients).
