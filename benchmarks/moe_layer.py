@@ -15,7 +15,7 @@ Reduced size for CPU:
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import statistics
 import time
 
@@ -51,7 +51,8 @@ def _timer(fn, *args, iters: int) -> float:
 
 def _fwd_and_grad(module, x, call_kw):
   """Params, jitted forward and jitted grad (w.r.t. params and input) of `module`."""
-  params = jax.jit(module.init)(jax.random.key(0), x, **call_kw)["params"]
+  init = jax.jit(functools.partial(module.init, **call_kw))
+  params = init(jax.random.key(0), x)["params"]
 
   def loss(p, x):
     y = module.apply({"params": p}, x, **call_kw, mutable=["intermediates"])[0]
