@@ -44,7 +44,6 @@ if ARGS is not None and ARGS.host_devices:
                              f" --xla_force_host_platform_device_count={ARGS.host_devices}")
 
 import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -53,6 +52,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from uncurl_jax import configs, moe, partitioning, pruning  # noqa: E402
 from uncurl_jax.decoder import SMoEDecoder  # noqa: E402
+
+from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 
 # "cpu": a 4-block model small enough for simulated devices on 2 cores.
 SIZES = {"cpu": dict(preset="tiny", d_model=256, d_ff=1024, num_heads=4, num_layers=4,
@@ -68,23 +69,13 @@ def _config(size: str, num_experts: int, length: int) -> configs.ModelConfig:
   return configs.get(preset, num_experts=num_experts, **overrides)
 
 
-def _mean_ms(fn, *args, warmup: int, iters: int) -> float:
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append((time.perf_counter() - start) * 1e3)
-  return statistics.mean(samples)
-
-
 def forward_ms(cfg, params, mesh, batch: int, length: int, args) -> float:
   model = SMoEDecoder(cfg)
   tokens = jax.device_put(np.ones((batch, length), np.int32), partitioning.batch_sharding(mesh))
   with jax.set_mesh(mesh):
     fwd = jax.jit(lambda p, t: model.apply({"params": p}, t, t, enable_dropout=False))
-    return _mean_ms(fwd, params, tokens, warmup=args.warmup, iters=args.iters)
+    return time_ms(fwd, params, tokens, warmup=args.warmup, iters=args.iters,
+                   reduce=statistics.mean)
 
 
 def moe_parts_ms(cfg, mesh, batch: int, length: int, args) -> tuple[float, float]:
@@ -118,8 +109,9 @@ def moe_parts_ms(cfg, mesh, batch: int, length: int, args) -> tuple[float, float
     ffn = jax.jit(jax.shard_map(compute, mesh=mesh, in_specs=(P(batch_axes), specs),
                                 out_specs=P(batch_axes)))
     buffers = jax.device_put(buffers, jax.sharding.NamedSharding(mesh, P(batch_axes)))
-    t_a2a = _mean_ms(a2a, buffers, warmup=args.warmup, iters=args.iters)
-    t_ffn = _mean_ms(ffn, buffers, weights, warmup=args.warmup, iters=args.iters)
+    timing = dict(warmup=args.warmup, iters=args.iters, reduce=statistics.mean)
+    t_a2a = time_ms(a2a, buffers, **timing)
+    t_ffn = time_ms(ffn, buffers, weights, **timing)
   return t_a2a, t_ffn
 
 

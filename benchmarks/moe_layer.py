@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import flax.linen as nn
 import jax
@@ -25,6 +23,8 @@ import jax.numpy as jnp
 
 from uncurl_jax import configs
 from uncurl_jax import moe
+
+from timing import time_ms  # benchmarks/timing.py
 
 
 class DenseFFN(nn.Module):
@@ -35,18 +35,6 @@ class DenseFFN(nn.Module):
   def __call__(self, x):
     h = nn.gelu(nn.Dense(self.d_ff, dtype=self.dtype)(x))
     return nn.Dense(x.shape[-1], dtype=self.dtype)(h)
-
-
-def _timer(fn, *args, iters: int) -> float:
-  """Median milliseconds of `iters` calls after two warm-ups (compile included in those)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    samples.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(samples)
 
 
 def _fwd_and_grad(module, x, call_kw):
@@ -86,7 +74,7 @@ def main():
 
   dense = DenseFFN(args.d_ff, dtype)
   params, fwd, bwd = _fwd_and_grad(dense, x, {})
-  dense_fwd, dense_bwd = _timer(fwd, params, x, iters=args.iters), _timer(bwd, params, x,
+  dense_fwd, dense_bwd = time_ms(fwd, params, x, iters=args.iters), time_ms(bwd, params, x,
                                                                           iters=args.iters)
   print(f"{'variant':<22}{'fwd ms':>10}{'fwd+bwd ms':>12}{'fwd ratio':>11}{'f+b ratio':>11}")
   print(f"{'dense FFN':<22}{dense_fwd:>10.2f}{dense_bwd:>12.2f}{1.0:>11.2f}{1.0:>11.2f}")
@@ -98,8 +86,8 @@ def main():
                                 train_capacity_factor=args.capacity_factor,
                                 eval_capacity_factor=args.capacity_factor)
       params, fwd, bwd = _fwd_and_grad(moe.MoeLayer(cfg), x, {"deterministic": True})
-      t_fwd = _timer(fwd, params, x, iters=args.iters)
-      t_bwd = _timer(bwd, params, x, iters=args.iters)
+      t_fwd = time_ms(fwd, params, x, iters=args.iters)
+      t_bwd = time_ms(bwd, params, x, iters=args.iters)
       print(f"{f'E={num_experts} {dispatch}':<22}{t_fwd:>10.2f}{t_bwd:>12.2f}"
             f"{t_fwd / dense_fwd:>11.2f}{t_bwd / dense_bwd:>11.2f}", flush=True)
 
