@@ -20,7 +20,8 @@ def persistent_compilation_cache(tmp_path_factory):
   """Compiles each distinct program once across a module's runs (opt in with
   `pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")`)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache
   saved = {name: getattr(jax.config, name) for name in (
       "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
       "jax_persistent_cache_min_entry_size_bytes")}

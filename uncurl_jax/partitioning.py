@@ -51,7 +51,8 @@ def make_mesh(*, data: int = -1, expert: int = 1, model: int = 1,
   """
   devices = list(jax.devices() if devices is None else devices)
   if expert < 1 or model < 1:
-    raise ValueError(f"expert and model axis sizes must be >= 1, got expert={expert}, model={model}")
+    raise ValueError(f"expert and model axis sizes must be >= 1, got expert={expert}, "
+                     f"model={model}")
   if data == -1:
     if len(devices) % (expert * model):
       raise ValueError(f"{len(devices)} devices are not divisible by expert*model={expert * model}")
