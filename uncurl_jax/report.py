@@ -1,0 +1,372 @@
+"""The study's report: results.csv, a markdown table like the paper's Tables 1-2, PNG plots.
+
+Every number of the report comes from a list of `ResultRow`s, one per (task, model):
+the references (dense, D experts and the source's E experts, trained from scratch and
+finetuned) and the pruned models (E -> D by one method, then finetuned). The markdown
+table has one row per model and one column per task; a pruned model's cell carries a
+'+' or '-' when it is better or worse than the same-size model trained from scratch,
+as the paper's Table 2 does.
+
+Plots use matplotlib's object-oriented API with the Agg canvas (no display needed, no
+global backend switch).
+
+Example:
+  >>> rows = [ResultRow("city_country", "scratch", 8, score=61.0),
+  ...         ResultRow("city_country", "pruned", 8, source_experts=32, method="uncurl",
+  ...                   router="reinit", score=63.5)]
+  >>> print(markdown_table(rows))
+  | model | city_country |
+  |---|---|
+  | +8e | 61.00 |
+  | 32->8 uncurl (reinit) | 63.50+ |
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from typing import Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+
+KINDS = ("dense", "scratch", "pruned")
+CSV_COLUMNS = ("task", "model", "kind", "method", "router", "source_experts", "num_experts",
+               "pruning_factor", "seed", "metric", "score", "score_before_finetune",
+               "reference_score", "delta")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResultRow:
+  """One model's score on one task.
+
+  Attributes:
+    task: Task name (a column of the table).
+    kind: "dense", "scratch" (trained from scratch with `num_experts` experts, also the
+      unpruned source models) or "pruned".
+    num_experts: Experts per MoE layer of the evaluated model (0 for dense).
+    source_experts: E, for pruned models (0 otherwise).
+    method: Pruning method of a pruned model ("uncurl", "frequency", ...).
+    router: Router option of a pruned model ("reinit", "anchor", "merge"), or "".
+    score: The task metric after finetuning.
+    score_before_finetune: The metric right after pruning, or None.
+    metric: Name of the metric.
+    seed: The study's seed.
+  """
+
+  task: str
+  kind: str
+  num_experts: int
+  source_experts: int = 0
+  method: str = ""
+  router: str = ""
+  score: float = math.nan
+  score_before_finetune: float | None = None
+  metric: str = "accuracy"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"ResultRow.kind must be one of {KINDS}, got {self.kind!r}")
+    if self.kind == "pruned" and (not self.method or self.source_experts < self.num_experts):
+      raise ValueError(f"a pruned row needs a method and source_experts >= num_experts, got "
+                       f"method={self.method!r}, {self.source_experts} -> {self.num_experts}")
+
+  @property
+  def model(self) -> str:
+    """Row label: 'dense', '+8e', '32->8 uncurl (reinit)'."""
+    if self.kind == "dense":
+      return "dense"
+    if self.kind == "scratch":
+      return f"+{self.num_experts}e"
+    router = f" ({self.router})" if self.router else ""
+    return f"{self.source_experts}->{self.num_experts} {self.method}{router}"
+
+  @property
+  def pruning_factor(self) -> float | None:
+    if self.kind != "pruned":
+      return None
+    return self.source_experts / self.num_experts
+
+
+def _reference_scores(rows: Sequence[ResultRow]) -> dict[tuple[str, int], float]:
+  """{(task, D): score of the D-expert model from scratch} (0 experts: dense)."""
+  references = {}
+  for row in rows:
+    if row.kind in ("scratch", "dense"):
+      references.setdefault((row.task, row.num_experts), row.score)
+  return references
+
+
+def reference_score(row: ResultRow, references: Mapping[tuple[str, int], float]) -> float | None:
+  """The same-size model's score for a pruned row (None if absent or not pruned)."""
+  if row.kind != "pruned":
+    return None
+  return references.get((row.task, row.num_experts))
+
+
+def comparison_mark(score: float, reference: float | None, *,
+                    lower_is_better: bool = False) -> str:
+  """'+' better, '-' worse than the reference, '=' equal, '' without one.
+
+  Example:
+    >>> comparison_mark(66.5, 66.0), comparison_mark(64.0, 66.0), comparison_mark(1.0, None)
+    ('+', '-', '')
+    >>> comparison_mark(1.2, 1.5, lower_is_better=True)      # a loss
+    '+'
+  """
+  if reference is None or math.isnan(score) or math.isnan(reference):
+    return ""
+  if math.isclose(score, reference, rel_tol=0.0, abs_tol=1e-9):
+    return "="
+  return "+" if (score > reference) != lower_is_better else "-"
+
+
+def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+  """Writes `rows` with the columns `CSV_COLUMNS` (reference/delta for pruned rows).
+
+  Example:
+    >>> write_csv(rows, "outputs/synthetic/results.csv")
+  """
+  references = _reference_scores(rows)
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+      reference = reference_score(row, references)
+      factor = row.pruning_factor
+      writer.writerow({
+          "task": row.task, "model": row.model, "kind": row.kind, "method": row.method,
+          "router": row.router, "source_experts": row.source_experts or "",
+          "num_experts": row.num_experts, "pruning_factor": "" if factor is None else factor,
+          "seed": row.seed, "metric": row.metric, "score": row.score,
+          "score_before_finetune": ("" if row.score_before_finetune is None
+                                    else row.score_before_finetune),
+          "reference_score": "" if reference is None else reference,
+          "delta": "" if reference is None else row.score - reference})
+
+
+def _row_order(row: ResultRow) -> tuple:
+  """References by size (dense first), then pruned rows by source, size, as listed."""
+  if row.kind != "pruned":
+    return (0, row.num_experts, 0)
+  return (1, row.source_experts, row.num_experts)
+
+
+def _ordered_models(rows: Sequence[ResultRow]) -> list[str]:
+  first_index = {}
+  for index, row in enumerate(rows):
+    first_index.setdefault(row.model, (_row_order(row), index))
+  return sorted(first_index, key=first_index.get)
+
+
+def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
+                   lower_is_better: bool = False, digits: int = 2) -> str:
+  """The paper-style table: models as rows, tasks as columns, +/- on pruned rows.
+
+  Args:
+    rows: Results (several tasks and models).
+    before_finetune: Tabulate `score_before_finetune` (pruned rows only, no marks).
+    lower_is_better: The metric is a loss: '+' marks a lower score.
+    digits: Decimals shown.
+
+  Example:
+    >>> print(markdown_table(rows))
+  """
+  if not rows:
+    raise ValueError("markdown_table needs at least one ResultRow")
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  references = _reference_scores(rows)
+  cells: dict[tuple[str, str], str] = {}
+  for row in rows:
+    score = row.score_before_finetune if before_finetune else row.score
+    if score is None:
+      continue
+    mark = "" if before_finetune else comparison_mark(
+        score, reference_score(row, references), lower_is_better=lower_is_better)
+    cells[(row.model, row.task)] = f"{score:.{digits}f}{mark}"
+  models = [m for m in _ordered_models(rows) if any((m, t) in cells for t in tasks)]
+  lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+  for model in models:
+    lines.append(f"| {model} | " + " | ".join(cells.get((model, t), "") for t in tasks) + " |")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# Plots.
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _task_axes(figure: Figure, count: int):
+  return [figure.add_subplot(1, count, i + 1) for i in range(count)]
+
+
+def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+  """Horizontal bars: the score of every model per task; dashed lines mark the
+  same-size model from scratch of each pruned size.
+
+  Example:
+    >>> plot_scores(rows, "outputs/synthetic/scores.png")
+  """
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  models = _ordered_models(rows)
+  figure = Figure(figsize=(4.5 * len(tasks), 0.35 * len(models) + 1.5))
+  colors = {"dense": "0.6", "scratch": "tab:gray", "pruned": "tab:blue"}
+  references = _reference_scores(rows)
+  for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
+    task_rows = {row.model: row for row in rows if row.task == task}
+    shown = [m for m in models if m in task_rows]
+    positions = np.arange(len(shown))[::-1]
+    axis.barh(positions, [task_rows[m].score for m in shown],
+              color=[colors[task_rows[m].kind] for m in shown])
+    axis.set_yticks(positions, shown, fontsize=8)
+    sizes = sorted({r.num_experts for r in task_rows.values() if r.kind == "pruned"})
+    for size in sizes:
+      if (task, size) in references:
+        axis.axvline(references[(task, size)], color="k", linestyle="--", linewidth=0.8,
+                     label="same size from scratch" if size == sizes[0] else None)
+    if any((task, size) in references for size in sizes):
+      axis.legend(fontsize=7, loc="lower right")
+    scores = [task_rows[m].score for m in shown]
+    low = min(scores)
+    axis.set_xlim(max(0.0, low - 0.1 * (max(scores) - low + 1.0)), max(scores) * 1.02 + 0.5)
+    axis.set_title(task)
+    axis.set_xlabel(rows[0].metric)
+  _save(figure, path)
+
+
+def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+  """Score against the pruning factor E/D per method; the same-size models from
+  scratch as a dashed black line (where merging stops paying, the lines cross).
+
+  Example:
+    >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
+  """
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  figure = Figure(figsize=(5.0 * len(tasks), 3.8))
+  for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
+    pruned = [r for r in rows if r.task == task and r.kind == "pruned"]
+    sources = sorted({r.source_experts for r in pruned})
+    for source in sources:
+      from_source = [r for r in pruned if r.source_experts == source]
+      for label in dict.fromkeys(r.model.split(" ", 1)[1] for r in from_source):
+        points = sorted((r.pruning_factor, r.score) for r in from_source
+                        if r.model.split(" ", 1)[1] == label)
+        prefix = f"E={source} " if len(sources) > 1 else ""
+        axis.plot(*zip(*points), marker="o", label=prefix + label)
+      scratch = sorted((source / r.num_experts, r.score) for r in rows
+                       if r.task == task and r.kind == "scratch" and r.num_experts
+                       and r.num_experts < source and source % r.num_experts == 0)
+      if scratch:
+        axis.plot(*zip(*scratch), "k--", marker="s", label=f"from scratch, {source} / x experts")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("pruning factor E / D")
+    axis.set_ylabel(rows[0].metric)
+    axis.set_title(task)
+    axis.legend(fontsize=7)
+  _save(figure, path)
+
+
+def cluster_order(labels: Sequence[int]) -> np.ndarray:
+  """Expert indices sorted by cluster (dropped experts, label -1, last).
+
+  Example:
+    >>> cluster_order([1, 0, 1, -1, 0]).tolist()
+    [1, 4, 0, 2, 3]
+  """
+  labels = np.asarray(labels)
+  keys = np.where(labels < 0, labels.max() + 1, labels)
+  return np.argsort(keys, kind="stable")
+
+
+def plot_similarity(layers: Mapping[str, tuple[np.ndarray, Sequence[int], Sequence[int]]],
+                    path: str | os.PathLike, *, title: str = "") -> None:
+  """Per-layer heatmaps of the experts' router-logit similarity, clusters boxed.
+
+  Args:
+    layers: {layer name: (similarity [E, E], cluster labels [E], anchors [D])}; experts
+      are reordered by cluster, each cluster is framed and anchors are starred.
+    path: PNG path.
+    title: Figure title.
+
+  Example:
+    >>> plot_similarity({"layers_0/mlp": (s, plan.layers["layers_0/mlp"].labels,
+    ...                                   plan.layers["layers_0/mlp"].anchors)}, "sim.png")
+  """
+  if not layers:
+    raise ValueError("plot_similarity needs at least one layer")
+  figure = Figure(figsize=(4.6 * len(layers), 4.4))
+  for axis, (name, (similarity, labels, anchors)) in zip(_task_axes(figure, len(layers)),
+                                                         layers.items()):
+    order = cluster_order(labels)
+    image = axis.imshow(np.asarray(similarity)[np.ix_(order, order)], cmap="viridis",
+                        vmin=0.0, vmax=1.0)
+    sorted_labels = np.asarray(labels)[order]
+    start = 0
+    for end in range(1, len(order) + 1):
+      if end == len(order) or sorted_labels[end] != sorted_labels[start]:
+        if sorted_labels[start] >= 0:
+          axis.add_patch(Rectangle((start - 0.5, start - 0.5), end - start, end - start,
+                                   fill=False, edgecolor="red", linewidth=1.2))
+        start = end
+    anchor_set = set(int(a) for a in anchors)
+    tick_labels = [f"{e}*" if e in anchor_set else str(e) for e in order]
+    axis.set_xticks(range(len(order)), tick_labels, fontsize=5, rotation=90)
+    axis.set_yticks(range(len(order)), tick_labels, fontsize=5)
+    axis.set_title(f"{name}: {len(anchor_set)} clusters", fontsize=9)
+    figure.colorbar(image, ax=axis, fraction=0.046)
+  if title:
+    figure.suptitle(title, fontsize=10)
+  _save(figure, path)
+
+
+def plot_expert_usage(before: Mapping[str, np.ndarray], after: Mapping[str, Mapping[str, np.ndarray]],
+                      path: str | os.PathLike, *,
+                      labels: Mapping[str, Sequence[int]] | None = None) -> None:
+  """Expert-usage histograms on the task: the source model, then each pruned model.
+
+  Args:
+    before: {layer: [E] selection frequencies of the source model}.
+    after: {model label: {layer: [D] selection frequencies after pruning and finetuning}}.
+    path: PNG path.
+    labels: {layer: [E] cluster labels} of one plan: source bars are coloured by the
+      new expert they go to (the colour of that expert's bar below), dropped ones grey.
+
+  Example:
+    >>> plot_expert_usage(freq_source, {"uncurl (reinit)": freq_uncurl}, "usage.png",
+    ...                   labels={k: plan.layers[k].labels for k in plan.layers})
+  """
+  if not before:
+    raise ValueError("plot_expert_usage needs the source model's frequencies")
+  layer_names = list(before)
+  rows = 1 + len(after)
+  figure = Figure(figsize=(4.8 * len(layer_names), 2.2 * rows))
+  palette = [f"C{i % 10}" for i in range(64)]
+  for column, layer in enumerate(layer_names):
+    axis = figure.add_subplot(rows, len(layer_names), column + 1)
+    frequencies = np.asarray(before[layer])
+    colors = "tab:blue"
+    if labels is not None and layer in labels:
+      colors = [palette[c] if c >= 0 else "0.75" for c in labels[layer]]
+    axis.bar(np.arange(len(frequencies)), frequencies, color=colors)
+    axis.set_title(f"{layer}: source ({len(frequencies)} experts)", fontsize=8)
+    axis.set_ylabel("share of tokens", fontsize=7)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for row, (model, usage) in enumerate(after.items(), start=1):
+      axis = figure.add_subplot(rows, len(layer_names), row * len(layer_names) + column + 1)
+      frequencies = np.asarray(usage[layer])
+      axis.bar(np.arange(len(frequencies)), frequencies, color=palette[:len(frequencies)])
+      axis.set_title(f"{layer}: {model} ({len(frequencies)} experts)", fontsize=8)
+      axis.set_ylabel("share of tokens", fontsize=7)
+      axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+  figure.tight_layout()
+  _save(figure, path)
