@@ -21,10 +21,11 @@ from uncurl_jax import experiment
 from uncurl_jax import finetune
 from uncurl_jax import pruning
 from uncurl_jax import study as study_lib
+from uncurl_jax import study_config
 from uncurl_jax import study_stages
 from uncurl_jax import train as train_lib
 from uncurl_jax.study_cache import Status
-from uncurl_jax.study_stages import Runtime, TrainSettings
+from uncurl_jax.study_config import Runtime, TrainSettings
 
 TASK = "synthetic_lm_dna"
 
@@ -45,7 +46,7 @@ def _config(output_dir, **overrides):
       dense_reference=False, eval_batches=1, eval_batch_size=8, logits_max_tokens=64,
       usage_max_tokens=64, runtime=Runtime(checkpoint_every_steps=2, log_every_steps=1))
   fields.update(overrides)
-  return study_lib.StudyConfig(**fields)
+  return study_config.StudyConfig(**fields)
 
 
 class _Interrupted(Exception):
@@ -121,7 +122,7 @@ def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
   """The 'frequency' row's pre-finetuning score, recomputed from the library functions."""
   study = study_lib.Study(_config(runs["output_dir"]))
   base = study.pretrained(4)
-  logits = study_stages.load_logits(study.router_logits(study_lib.StudyTask(TASK), base, 4)
+  logits = study_stages.load_logits(study.router_logits(study_config.StudyTask(TASK), base, 4)
                                     .path("logits.npz"))
   small = pruning.prune_params(study.params(base), logits, 2, method="frequency", seed=0)
   config = dataclasses.replace(study.config.model, num_experts=2)
@@ -137,9 +138,9 @@ def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
   for a pretraining and for a pruned model's finetuning with the router warm-up."""
   config = _config(runs["output_dir"])
   study = study_lib.Study(config)
-  task = study_lib.StudyTask(TASK)
+  task = study_config.StudyTask(TASK)
   base = study.pretrained(2)
-  pruned = study.pruned(task, study_lib.MethodSpec("uncurl", "reinit"), 4, 2,
+  pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), 4, 2,
                         base=study.pretrained(4), logits=study.router_logits(
                             task, study.pretrained(4), 4), source_finetuned=None)
   finetuned = study.finetuned(task, pruned, "uncurl-reinit-e4to2", num_experts=2,
@@ -208,10 +209,10 @@ def test_bad_training_settings_raise(tmp_path):
 
 
 def test_specs_parse():
-  assert study_lib.MethodSpec.parse("uncurl:merge") == study_lib.MethodSpec("uncurl", "merge")
-  assert study_lib.MethodSpec.parse("random").slug == "random"
-  assert study_lib.StudyTask.parse("a:a_rank") == study_lib.StudyTask("a", "a_rank")
-  assert study_lib.StudyTask.parse("a::f1") == study_lib.StudyTask("a", None, "f1")
+  assert study_config.MethodSpec.parse("uncurl:merge") == study_config.MethodSpec("uncurl", "merge")
+  assert study_config.MethodSpec.parse("random").slug == "random"
+  assert study_config.StudyTask.parse("a:a_rank") == study_config.StudyTask("a", "a_rank")
+  assert study_config.StudyTask.parse("a::f1") == study_config.StudyTask("a", None, "f1")
 
 
 def test_pairs_and_per_task_finetuning_steps(tmp_path):
@@ -234,7 +235,7 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
     config = experiment.register_configurables()["StudyConfig"]()
   finally:
     gin.clear_config()
-  assert isinstance(config, study_lib.StudyConfig)
+  assert isinstance(config, study_config.StudyConfig)
   assert config.pairs
   names = {m.method for m in config.methods}
   assert {"uncurl", "frequency"} <= names

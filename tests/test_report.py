@@ -1,6 +1,7 @@
 """The study report: results.csv, the paper-style markdown table, PNG plots."""
 
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -24,7 +25,8 @@ def _rows():
              ResultRow(task, "scratch", 32, score=s["s32"])]
     rows += [ResultRow(task, "pruned", 8, source_experts=32, method=m,
                        router="reinit" if m == "uncurl" else "", score=s[m],
-                       score_before_finetune=s[m] - 10.0) for m in ("uncurl", "frequency", "random")]
+                       score_before_finetune=s[m] - 10.0)
+             for m in ("uncurl", "frequency", "random")]
   return rows
 
 
@@ -59,6 +61,25 @@ def test_markdown_table_is_shaped_like_the_papers_with_marks():
       "| 32->8 frequency | 61.00- | 58.50+ |",
       "| 32->8 random | 62.00= | 50.00- |",
   ]
+
+
+def test_csv_reads_back_and_seed_spread_is_mean_and_sample_std(tmp_path):
+  rows = _rows()
+  report.write_csv(rows, tmp_path / "seed0.csv")
+  assert report.read_csv(tmp_path / "seed0.csv") == rows
+  other = [dataclasses.replace(r, score=r.score + 2.0, seed=1) for r in rows]
+  table = report.spread_table(rows + other).splitlines()
+  assert table[0] == "| model | rte | copa |"
+  # rte: 63.5 and 65.5 -> mean 64.5, sample std sqrt(2) = 1.41.
+  assert table[5] == "| 32->8 uncurl (reinit) | 64.50 ± 1.41 (2) | 58.00 ± 1.41 (2) |"
+  before = report.spread_table(rows, before_finetune=True).splitlines()
+  assert before[2] == "| 32->8 uncurl (reinit) | 53.50 ± 0.00 (1) | 47.00 ± 0.00 (1) |"
+  # Paired: both seeds are 2 points higher, so differences to +8e have no spread.
+  paired = report.spread_table(rows + other, relative_to="+8e").splitlines()
+  assert paired[3] == "| +8e | 0.00 ± 0.00 (2) | 0.00 ± 0.00 (2) |"
+  assert paired[5] == "| 32->8 uncurl (reinit) | 1.50 ± 0.00 (2) | -1.00 ± 0.00 (2) |"
+  with pytest.raises(ValueError, match="not a model"):
+    report.spread_table(rows, relative_to="+64e")
 
 
 def test_markdown_marks_flip_for_losses_and_before_finetune_has_no_marks():

@@ -31,7 +31,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from uncurl_jax import report
 from uncurl_jax import study as study_lib
-from uncurl_jax import study_stages
+from uncurl_jax import study_config
 from uncurl_jax import train as train_lib
 
 FLAGS = flags.FLAGS  # --gin_file, --gin_bindings, --gin_search_paths: from uncurl_jax.train
@@ -119,7 +119,8 @@ def _markdown_report(study: study_lib.Study, table: str) -> str:
       f"Stages: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}.", ""])
 
 
-def run_study(config: study_lib.StudyConfig, *, compilation_cache: bool = True) -> dict[str, Any]:
+def run_study(config: study_config.StudyConfig, *,
+              compilation_cache: bool = True) -> dict[str, Any]:
   """Runs the study, writes its report and prints the table.
 
   Args:
@@ -147,7 +148,10 @@ def run_study(config: study_lib.StudyConfig, *, compilation_cache: bool = True) 
   print(f"\nStudy '{config.name}' (seed {config.seed}): {', '.join(metrics)}, "
         f"{'lower' if config.lower_is_better else 'higher'} is better; + / - against the "
         f"same-size model trained from scratch.\n")
+  print("After finetuning:\n")
   print(files["table"])
+  print("\nRight after pruning, before finetuning:\n")
+  print(report.markdown_table(study.rows, before_finetune=True))
   print(f"\n{ran} of {len(study.cache.events)} stages computed, the rest cached; "
         f"{seconds:.0f} s. Report in {config.output_dir}:")
   for name, path in files.items():
@@ -170,9 +174,9 @@ def register_configurables() -> dict[str, Any]:
     train_lib.register_configurables()
     module = "uncurl_jax.experiment"
     _REGISTERED.update(
-        StudyConfig=gin.external_configurable(study_lib.StudyConfig, module=module),
-        TrainSettings=gin.external_configurable(study_stages.TrainSettings, module=module),
-        Runtime=gin.external_configurable(study_stages.Runtime, module=module),
+        StudyConfig=gin.external_configurable(study_config.StudyConfig, module=module),
+        TrainSettings=gin.external_configurable(study_config.TrainSettings, module=module),
+        Runtime=gin.external_configurable(study_config.Runtime, module=module),
         run_study=gin.external_configurable(run_study, module=module))
   return dict(_REGISTERED)
 

@@ -8,7 +8,8 @@ table has one row per model and one column per task; a pruned model's cell carri
 as the paper's Table 2 does.
 
 Plots use matplotlib's object-oriented API with the Agg canvas (no display needed, no
-global backend switch).
+global backend switch). `python -m uncurl_jax.report a/results.csv b/results.csv ...`
+prints the mean ± standard deviation of each model's score over several runs (seeds).
 
 Example:
   >>> rows = [ResultRow("city_country", "scratch", 8, score=61.0),
@@ -27,6 +28,7 @@ import csv
 import dataclasses
 import math
 import os
+import sys
 from typing import Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -149,6 +151,71 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
                                     else row.score_before_finetune),
           "reference_score": "" if reference is None else reference,
           "delta": "" if reference is None else row.score - reference})
+
+
+def read_csv(path: str | os.PathLike) -> list[ResultRow]:
+  """Reads a `write_csv` file back into ResultRows.
+
+  Example:
+    >>> rows = read_csv("outputs/synthetic/results.csv")
+  """
+  with open(path, newline="") as f:
+    records = list(csv.DictReader(f))
+  rows = []
+  for r in records:
+    before = r["score_before_finetune"]
+    rows.append(ResultRow(
+        task=r["task"], kind=r["kind"], num_experts=int(r["num_experts"]),
+        source_experts=int(r["source_experts"] or 0), method=r["method"], router=r["router"],
+        score=float(r["score"]), score_before_finetune=float(before) if before else None,
+        metric=r["metric"], seed=int(r["seed"])))
+  return rows
+
+
+def spread_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
+                 relative_to: str | None = None, digits: int = 2) -> str:
+  """Mean ± standard deviation (over seeds) of each model's score, per task.
+
+  Args:
+    rows: Results of several runs that differ by seed (e.g. `read_csv` of each).
+    before_finetune: Summarize `score_before_finetune` instead.
+    relative_to: A row label (e.g. '+8e'): summarize each score minus that model's
+      score of the same seed and task (paired differences, free of the seed-to-seed
+      variation both share). Runs without that model are left out.
+    digits: Decimals shown.
+
+  Example:
+    >>> rows = [r for path in paths for r in read_csv(path)]
+    >>> print(spread_table(rows))      # | 32->8 uncurl (reinit) | 51.2 ± 0.8 (3) |
+    >>> print(spread_table(rows, relative_to="32->8 random"))
+  """
+  if not rows:
+    raise ValueError("spread_table needs at least one ResultRow")
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  value = lambda row: row.score_before_finetune if before_finetune else row.score
+  baseline = {(row.task, row.seed): value(row) for row in rows if row.model == relative_to}
+  if relative_to is not None and not baseline:
+    raise ValueError(f"relative_to={relative_to!r} is not a model of the rows; models: "
+                     f"{_ordered_models(rows)}")
+  scores: dict[tuple[str, str], list[float]] = {}
+  for row in rows:
+    score = value(row)
+    if relative_to is not None:
+      reference = baseline.get((row.task, row.seed))
+      score = None if score is None or reference is None else score - reference
+    if score is not None:
+      scores.setdefault((row.model, row.task), []).append(score)
+  models = [m for m in _ordered_models(rows) if any((m, t) in scores for t in tasks)]
+
+  def cell(values):
+    # ddof=1: the sample standard deviation over seeds (0 for a single run).
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f} ({len(values)})"
+  lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+  for model in models:
+    lines.append(f"| {model} | " + " | ".join(
+        cell(scores[(model, t)]) if (model, t) in scores else "" for t in tasks) + " |")
+  return "\n".join(lines)
 
 
 def _row_order(row: ResultRow) -> tuple:
@@ -329,7 +396,8 @@ def plot_similarity(layers: Mapping[str, tuple[np.ndarray, Sequence[int], Sequen
   _save(figure, path)
 
 
-def plot_expert_usage(before: Mapping[str, np.ndarray], after: Mapping[str, Mapping[str, np.ndarray]],
+def plot_expert_usage(before: Mapping[str, np.ndarray],
+                      after: Mapping[str, Mapping[str, np.ndarray]],
                       path: str | os.PathLike, *,
                       labels: Mapping[str, Sequence[int]] | None = None) -> None:
   """Expert-usage histograms on the task: the source model, then each pruned model.
@@ -370,3 +438,30 @@ def plot_expert_usage(before: Mapping[str, np.ndarray], after: Mapping[str, Mapp
       axis.xaxis.set_major_locator(MaxNLocator(integer=True))
   figure.tight_layout()
   _save(figure, path)
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m uncurl_jax.report [--relative_to=MODEL] results.csv ...`: seed spreads.
+
+  Prints mean ± std over the files (runs with different seeds) of every model's score
+  after finetuning and right after pruning; with --relative_to (a row label such as
+  '+32e', the source), also the paired differences to that model's same-seed score.
+  """
+  prefix = "--relative_to="
+  relative = [a[len(prefix):] for a in argv[1:] if a.startswith(prefix)]
+  paths = [a for a in argv[1:] if not a.startswith(prefix)]
+  if not paths:
+    raise SystemExit("usage: python -m uncurl_jax.report [--relative_to=MODEL] "
+                     "RESULTS_CSV [RESULTS_CSV ...]")
+  rows = [row for path in paths for row in read_csv(path)]
+  print(f"Mean ± std (runs) over {len(paths)} result files, after finetuning:\n")
+  print(spread_table(rows))
+  print("\nRight after pruning:\n")
+  print(spread_table(rows, before_finetune=True))
+  for model in relative:
+    print(f"\nAfter finetuning, minus the same run's {model}:\n")
+    print(spread_table(rows, relative_to=model))
+
+
+if __name__ == "__main__":
+  main(sys.argv)

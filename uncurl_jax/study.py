@@ -27,206 +27,23 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import numpy as np
 
 from uncurl_jax import configs
 from uncurl_jax import finetune
-from uncurl_jax import pruning
 from uncurl_jax import report
 from uncurl_jax import study_cache
 from uncurl_jax import study_stages as stages
 from uncurl_jax import study_training
 from uncurl_jax.pruning import features
-from uncurl_jax.study_stages import TrainSettings
-
-PROGRESSIVE_DROPPING = "progressive_dropping"
-METHOD_NAMES = pruning.METHODS + (PROGRESSIVE_DROPPING,)
-DEFAULT_METHODS = ("uncurl:reinit", "uncurl:anchor", "uncurl:merge", "frequency",
-                   "frequency_merge", "mc_smoe", "router_norm", "random", PROGRESSIVE_DROPPING)
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-  """One pruning method of the study, written "method" or "method:router".
-
-  Example:
-    >>> MethodSpec.parse("uncurl:merge")
-    MethodSpec(method='uncurl', router='merge')
-  """
-
-  method: str
-  router: str | None = None
-
-  @classmethod
-  def parse(cls, text: str) -> MethodSpec:
-    method, _, router = str(text).partition(":")
-    if method not in METHOD_NAMES:
-      raise ValueError(f"unknown method {method!r} in {text!r}; expected one of {METHOD_NAMES}")
-    if router and (router not in pruning.ROUTER_MODES or method == PROGRESSIVE_DROPPING):
-      raise ValueError(f"router option {router!r} in {text!r}: expected one of "
-                       f"{pruning.ROUTER_MODES} after a pruning method")
-    return cls(method, router or None)
-
-  @property
-  def slug(self) -> str:
-    return self.method if self.router is None else f"{self.method}-{self.router}"
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyTask:
-  """A target task, written "train_task[:eval_task[:metric]]".
-
-  Without an eval task the score is the task's own validation metrics (language
-  modelling: next-token 'accuracy' in %, 'cross_entropy'); with one, the eval task's
-  seqio metrics (e.g. rank classification 'accuracy' of 'super_glue_rte_v102_rank').
-  `metric` (default: `StudyConfig.metric`) picks the table's score among them.
-
-  Example:
-    >>> StudyTask.parse("super_glue_record_v102:super_glue_record_v102_rank:exact_match")
-    StudyTask(name='super_glue_record_v102', eval_task='super_glue_record_v102_rank',
-              metric='exact_match')
-  """
-
-  name: str
-  eval_task: str | None = None
-  metric: str | None = None
-
-  @classmethod
-  def parse(cls, text: str) -> StudyTask:
-    parts = str(text).split(":")
-    if not parts[0] or len(parts) > 3:
-      raise ValueError(f"task spec {text!r}: expected 'task', 'task:eval_task' or "
-                       "'task:eval_task:metric'")
-    parts += [""] * (3 - len(parts))
-    return cls(parts[0], parts[1] or None, parts[2] or None)
-
-
-@dataclasses.dataclass(frozen=True)
-class StudyConfig:
-  """Everything the study does (bound by gin in `uncurl_jax.experiment`).
-
-  Attributes:
-    name: Study name (the report's title).
-    output_dir: Where results.csv, results.md and the plots go.
-    model: The model; `num_experts` is replaced per model (E, D, 0).
-    tasks: Target tasks ("task" or "task:eval_task", see `StudyTask`).
-    pretrain: Pretraining (its `mixture_or_task_name` is required).
-    finetune: Task finetuning (data: the task); its `router_warmup_*` fields apply to
-      pruned models.
-    prefinetune: Optional pre-finetuning of every pretrained model, or None.
-    source_experts: The E of each model that is pruned.
-    pruned_experts: The D of the pruned models; every source is pruned to every smaller D
-      (sources [32, 64, 128] and D [8, 32, 64] give the paper's six pairs).
-    methods: "method" or "method:router" (`MethodSpec`); methods of `pruning.METHODS`
-      plus "progressive_dropping".
-    dense_reference: Also train and finetune a dense model.
-    finetune_steps: Per-task finetuning steps ({task name: steps}, e.g. 50 epochs),
-      overriding `finetune.steps`; its learning-rate warm-up is capped to fit.
-    dropping: Progressive dropping schedule; its `target_experts` is set to each D.
-    seed: Seed of initialization, data order, clustering and re-initialized routers.
-    stages_dir: Stage cache root (None: `output_dir/stages`); studies that share it share
-      the stages they have in common.
-    metric: Score of the table; `lower_is_better` flips the +/- marks.
-    eval_num_examples: seqio `num_examples` of eval tasks (rows; rank tasks have one per
-      option); None: the whole split.
-    eval_batches: Validation batches of tasks scored by their LM metrics.
-    eval_batch_size: Rows per scoring forward pass.
-    logits_max_tokens: Task tokens whose router logits drive pruning.
-    usage_max_tokens: Task tokens of the expert-usage histograms.
-    runtime: Mesh, checkpoint period and logging (not part of any stage key).
-  """
-
-  name: str
-  output_dir: str
-  model: configs.ModelConfig
-  tasks: Sequence[str]
-  pretrain: TrainSettings
-  finetune: TrainSettings
-  prefinetune: TrainSettings | None = None
-  source_experts: Sequence[int] = (32,)
-  pruned_experts: Sequence[int] = (8,)
-  methods: Sequence[str] = DEFAULT_METHODS
-  dense_reference: bool = True
-  finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  dropping: finetune.ProgressiveDropping | None = None
-  seed: int = 0
-  stages_dir: str | None = None
-  metric: str = "accuracy"
-  lower_is_better: bool = False
-  eval_num_examples: int | None = None
-  eval_batches: int | None = 8
-  eval_batch_size: int = 32
-  logits_max_tokens: int = 16384
-  usage_max_tokens: int = 4096
-  runtime: stages.Runtime = stages.Runtime()
-
-  def __post_init__(self):
-    object.__setattr__(self, "tasks", tuple(StudyTask.parse(t) for t in self.tasks))
-    object.__setattr__(self, "methods", tuple(MethodSpec.parse(m) for m in self.methods))
-    object.__setattr__(self, "source_experts", tuple(self.source_experts))
-    object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
-    object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
-    if not self.tasks:
-      raise ValueError("StudyConfig.tasks is empty; give at least one target task")
-    if not self.methods:
-      raise ValueError("StudyConfig.methods is empty; give at least one pruning method")
-    for name in ("source_experts", "pruned_experts"):
-      counts = getattr(self, name)
-      if not counts or min(counts) < 1:
-        raise ValueError(f"StudyConfig.{name} must be a non-empty list of expert counts "
-                         f">= 1, got {list(counts)}")
-    unused = [d for d in self.pruned_experts if d >= max(self.source_experts)]
-    if unused:
-      raise ValueError(f"pruned_experts {unused} are not below any source_experts "
-                       f"{list(self.source_experts)}")
-    unknown = sorted(set(self.finetune_steps) - {t.name for t in self.tasks})
-    if unknown:
-      raise ValueError(f"finetune_steps names tasks {unknown} that are not in tasks")
-    for task in self.tasks:
-      self.finetune_settings(task)  # validates per-task steps
-    if self.pretrain.mixture_or_task_name is None:
-      raise ValueError("StudyConfig.pretrain needs a mixture_or_task_name (the LM data)")
-    if self.finetune.mixture_or_task_name is not None:
-      raise ValueError("StudyConfig.finetune trains on each target task: leave its "
-                       f"mixture_or_task_name None, got {self.finetune.mixture_or_task_name!r}")
-    lengths = [self.pretrain.length, self.finetune.length]
-    if max(lengths) > self.model.max_length:
-      raise ValueError(f"sequence lengths {lengths} exceed model.max_length="
-                       f"{self.model.max_length}")
-    if any(m.method == PROGRESSIVE_DROPPING for m in self.methods):
-      self._check_dropping()
-
-  def _check_dropping(self):
-    if self.dropping is None:
-      raise ValueError("method 'progressive_dropping' needs StudyConfig.dropping")
-    steps = min(self.finetune_settings(task).steps for task in self.tasks)
-    for source, size in self.pairs:
-      schedule = dataclasses.replace(self.dropping, target_experts=size).schedule(
-          num_experts=source)
-      if schedule[-1][0] >= steps:
-        raise ValueError(f"progressive dropping {source} -> {size} experts ends at step "
-                         f"{schedule[-1][0]}, not before the finetuning's {steps} steps; "
-                         "shorten the dropping schedule")
-
-  @property
-  def pairs(self) -> tuple[tuple[int, int], ...]:
-    """(E, D) for every source and every smaller pruned size."""
-    return tuple((e, d) for e in self.source_experts for d in self.pruned_experts if d < e)
-
-  def finetune_settings(self, task: StudyTask) -> TrainSettings:
-    """`finetune` with the task's own steps (`finetune_steps`), warm-up capped to fit."""
-    steps = self.finetune_steps.get(task.name)
-    if steps is None:
-      return self.finetune
-    room = max(0, steps - self.finetune.router_warmup_steps)
-    return dataclasses.replace(self.finetune, steps=steps,
-                               warmup_steps=min(self.finetune.warmup_steps, room))
-
-  def task_metric(self, task: StudyTask) -> str:
-    return task.metric or self.metric
+from uncurl_jax.study_config import PROGRESSIVE_DROPPING
+from uncurl_jax.study_config import MethodSpec
+from uncurl_jax.study_config import StudyConfig
+from uncurl_jax.study_config import StudyTask
+from uncurl_jax.study_config import TrainSettings
 
 
 def _settings_key(settings: TrainSettings | None) -> Any:
@@ -276,7 +93,8 @@ class Study:
     self._task_batches: dict[str, list] = {}
     runtime = config.runtime
     self._trainer = study_training.StageTrainer(
-        mesh=runtime.mesh, seed=config.seed, checkpoint_every_steps=runtime.checkpoint_every_steps,
+        mesh=runtime.mesh, seed=config.seed,
+        checkpoint_every_steps=runtime.checkpoint_every_steps,
         log_every_steps=runtime.log_every_steps, max_cached_tokens=runtime.max_cached_tokens)
 
   # ----------------------------------------------------------------------------------------

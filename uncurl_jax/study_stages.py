@@ -8,9 +8,6 @@ project's modules: logits through `pruning.collect_router_logits`, pruning throu
 (language modelling). One compiled scorer per expert count serves every model scored.
 
 Example:
-  >>> settings = TrainSettings(task_feature_lengths={"targets": 128}, steps=300,
-  ...                          batch_size=16, learning_rate=2e-3, warmup_steps=30,
-  ...                          mixture_or_task_name="synthetic_lm")
   >>> logits = router_logits(config, params, batches, max_tokens=8192)
   >>> small, summary = prune_model("/tmp/prune", params=params, logits=logits,
   ...                              num_experts=8, method="uncurl", router="reinit", seed=0,
@@ -20,7 +17,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -34,7 +30,6 @@ from uncurl_jax import data
 from uncurl_jax import decoder
 from uncurl_jax import evaluation
 from uncurl_jax import finetune
-from uncurl_jax import optim
 from uncurl_jax import partitioning
 from uncurl_jax import pruning
 from uncurl_jax import sharded_state
@@ -43,86 +38,6 @@ from uncurl_jax import trainer
 from uncurl_jax.pruning import features
 
 PARAMS_DIR = "params"  # a pruned model's params-only checkpoint, inside its stage directory
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSettings:
-  """One training procedure of the study (pretraining, pre-finetuning or finetuning).
-
-  Everything here changes the trained model, so all of it enters the stage key.
-
-  Attributes:
-    task_feature_lengths: seqio feature lengths, e.g. {"targets": 128} for LM data or
-      {"inputs": 112, "targets": 16} for prompts.
-    steps: Training steps.
-    batch_size: Global batch size.
-    learning_rate: Peak AdamW learning rate (linear warm-up, then linear decay to 0).
-    warmup_steps: Learning-rate warm-up steps.
-    weight_decay: AdamW weight decay (matrices only).
-    mixture_or_task_name: seqio data; None means the study's target task (finetuning).
-    pack: Pack several examples per row.
-    router_warmup_steps: Router-only steps that start the finetuning of a pruned model
-      (the paper's warm-up; other models train fully for all `steps`).
-    router_warmup_learning_rate: Peak learning rate of those steps.
-  """
-
-  task_feature_lengths: Mapping[str, int]
-  steps: int
-  batch_size: int
-  learning_rate: float
-  warmup_steps: int = 0
-  weight_decay: float = 0.1
-  mixture_or_task_name: str | None = None
-  pack: bool = True
-  router_warmup_steps: int = 0
-  router_warmup_learning_rate: float | None = None
-
-  def __post_init__(self):
-    for name in ("steps", "batch_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"TrainSettings.learning_rate must be > 0, got {self.learning_rate}")
-    if not 0 <= self.router_warmup_steps < self.steps:
-      raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}), got "
-                       f"{self.router_warmup_steps}")
-    if not 0 <= self.warmup_steps <= self.steps - self.router_warmup_steps:
-      raise ValueError(f"warmup_steps must be in [0, steps - router_warmup_steps = "
-                       f"{self.steps - self.router_warmup_steps}], got {self.warmup_steps}")
-    data.model_length(self.task_feature_lengths)  # validates the lengths
-
-  @property
-  def length(self) -> int:
-    """Decoder sequence length (inputs and targets concatenated)."""
-    return data.model_length(self.task_feature_lengths)
-
-  def make_optimizer(self):
-    """`optim.make_optimizer` with these hyperparameters (the trainer adds the rest)."""
-    return functools.partial(optim.make_optimizer, peak_learning_rate=self.learning_rate,
-                             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay)
-
-
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-  """Settings that change how stages run but not what they compute (not hashed).
-
-  Attributes:
-    expert_parallelism, model_parallelism: Mesh sizes ('data' takes the rest).
-    checkpoint_every_steps: Checkpoint period of training stages (resume granularity).
-    log_every_steps: Progress lines of training stages.
-    max_cached_tokens: Training batches of a (task, procedure) are read once and kept in
-      memory up to this many tokens, streamed beyond.
-  """
-
-  expert_parallelism: int = 1
-  model_parallelism: int = 1
-  checkpoint_every_steps: int = 100
-  log_every_steps: int = 50
-  max_cached_tokens: int = 1 << 26
-
-  @functools.cached_property
-  def mesh(self) -> jax.sharding.Mesh:
-    return partitioning.make_mesh(expert=self.expert_parallelism, model=self.model_parallelism)
 
 
 # ------------------------------------------------------------------------------------------
@@ -166,7 +81,7 @@ def with_experts(config: configs.ModelConfig, params: Any) -> configs.ModelConfi
 # Router logits and expert usage.
 
 
-def task_batches(*, task: str, settings: TrainSettings, batch_size: int,
+def task_batches(*, task: str, settings: Any, batch_size: int,
                  max_tokens: int) -> list[dict[str, np.ndarray]]:
   """The first training examples of `task` (fixed order), enough for `max_tokens` tokens."""
   length = settings.length

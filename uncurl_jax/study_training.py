@@ -126,7 +126,7 @@ class StageTrainer:
     Args:
       directory: Stage directory; checkpoints go to `directory/checkpoints`.
       config: The model (its expert counts are taken from `init_params` if given).
-      settings: A `study_stages.TrainSettings`.
+      settings: A `study_config.TrainSettings`.
       task: seqio task or mixture trained on.
       init_params: Starting params, or None for a random initialization.
       router_warmup: Begin with `settings.router_warmup_steps` router-only steps.
