@@ -50,8 +50,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from uncurl_jax import configs, moe, partitioning, pruning  # noqa: E402
-from uncurl_jax.decoder import SMoEDecoder  # noqa: E402
+from uncurl_jax import pruning  # noqa: E402
+from uncurl_jax.model import configs, moe, partitioning  # noqa: E402
+from uncurl_jax.model.decoder import SMoEDecoder  # noqa: E402
 
 from timing import time_ms  # noqa: E402  (benchmarks/timing.py)
 

@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from uncurl_jax import configs
-from uncurl_jax import moe
+from uncurl_jax.model import configs
+from uncurl_jax.model import moe
 
 from timing import time_ms  # benchmarks/timing.py
 

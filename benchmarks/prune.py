@@ -3,7 +3,7 @@
 Builds the MoE layers' parameters of the 354M+Ee model (shapes from `jax.eval_shape` of
 `SMoEDecoder.init`, then filled with N(0, 0.02^2) float32; no training), synthetic
 router logits (random tokens through each layer's router), and prunes every MoE layer to
-`--target` experts. Prints seconds per stage (similarity, clustering, cost matrices,
+`--target` experts. Prints seconds per stage (features, grouping, cost matrices,
 assignments, merge) for the parallel path (thread pool of assignment solvers) and for
 the sequential reference path (everything in one thread), and the speedup.
 
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uncurl_jax import configs
+from uncurl_jax.model import configs
 from uncurl_jax import pruning
 from uncurl_jax.pruning import alignment
 from uncurl_jax.pruning import merge
-from uncurl_jax.decoder import SMoEDecoder
+from uncurl_jax.model.decoder import SMoEDecoder
 
 
 def moe_param_shapes(cfg: configs.ModelConfig) -> dict:
@@ -150,7 +150,8 @@ def report(best: dict[str, dict[str, float]], aligned: int, d_ff: int) -> None:
   """Prints the stage seconds of each path (best of the repeats) and the speedup."""
   parallel = best["parallel"]
   print(f"\nparallel path ({aligned} assignments of {d_ff} x {d_ff}):")
-  for label, key in [("similarity", "similarity"), ("clustering", "clustering"),
+  for label, key in [("features (frequencies)", "features"),
+                     ("grouping (similarity + clustering)", "grouping"),
                      ("cost matrices (calling thread)", "cost_matrices"),
                      ("alignment: cost matrices + assignments", "alignment"),
                      ("merge (apply_plan)", "merge"), ("total", "total")]:

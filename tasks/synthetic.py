@@ -1,4 +1,4 @@
-"""The synthetic multi-domain corpus (`uncurl_jax.synthetic`) as seqio tasks.
+"""The synthetic multi-domain corpus (`uncurl_jax.data.corpus`, `uncurl_jax.data.corpus_tasks`) as seqio tasks.
 
 Generated on the fly through `seqio.FunctionDataSource` (no download, the same
 examples on every run), with the same preprocessing as the C4 and SuperGLUE
@@ -7,7 +7,7 @@ tasks. The project's default data for the README's main command and for tests.
 - `synthetic_lm`: language modelling over all domains (documents interleaved
   round-robin), full-LM chunking as for C4; `synthetic_lm_<domain>` per domain;
   `synthetic_lm_empty_inputs` for mixing with prompt tasks.
-- `synthetic_<task>` for each task of `uncurl_jax.synthetic.TASKS`: prompt form
+- `synthetic_<task>` for each task of `uncurl_jax.data.corpus_tasks.TASKS`: prompt form
   with accuracy; `synthetic_<task>_rank`: rank classification over its options.
 - Mixtures: `synthetic_tasks` (all prompt tasks, equal rates),
   `synthetic_tasks_rank` (evaluation) and `synthetic_prefinetune` (all prompt
@@ -27,7 +27,8 @@ from typing import Iterator, Sequence
 import seqio
 import tensorflow as tf
 
-from uncurl_jax import synthetic as corpus
+from uncurl_jax.data import corpus
+from uncurl_jax.data import corpus_tasks
 from uncurl_jax.tasks import metrics
 from uncurl_jax.tasks import preprocessors
 from uncurl_jax.tasks import vocab
@@ -59,7 +60,7 @@ def _examples(split: str, task: str) -> Iterator[dict]:
   total = TASK_EXAMPLES[split]
   for chunk, start in enumerate(range(0, total, CHUNK)):
     count = min(CHUNK, total - start)
-    for example in corpus.task_examples(task, split, count, _chunk_seed(split, chunk)):
+    for example in corpus_tasks.task_examples(task, split, count, _chunk_seed(split, chunk)):
       yield {"inputs": example.prompt, "targets": example.answer,
              "options": list(example.options), "label": example.label}
 
@@ -129,8 +130,8 @@ def register(vocabulary: seqio.Vocabulary) -> list[str]:
                    output_features=lm_features, preprocessors=preprocessors.lm_pipeline("text"),
                    metric_fns=[])
     names.append(f"{LM_TASK}_{domain}")
-  task_names = [f"synthetic_{task}" for task in corpus.TASKS]
-  for task, name in zip(corpus.TASKS, task_names):
+  task_names = [f"synthetic_{task}" for task in corpus_tasks.TASKS]
+  for task, name in zip(corpus_tasks.TASKS, task_names):
     source = seqio.FunctionDataSource(functools.partial(task_dataset, task=task),
                                       splits=corpus.SPLITS, num_input_examples=TASK_EXAMPLES)
     vocab.add_task(name, source=source, output_features=prompt_features,

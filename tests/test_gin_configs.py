@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import pytest
 import seqio
 
-from uncurl_jax import configs
-from uncurl_jax import decoder
-from uncurl_jax import finetune
-from uncurl_jax import train as train_lib
+from uncurl_jax.model import configs
+from uncurl_jax.model import decoder
+from uncurl_jax.train import __main__ as train_main
+from uncurl_jax.train import run as train_run
+from uncurl_jax.train import schedules
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIN = ROOT / "gin"
@@ -52,7 +53,7 @@ def _header(path):
 
 def _procedure_kwargs(gin_files, bindings):
   """Parses the files and returns the run procedure and the arguments gin gives it."""
-  train_lib.parse_gin(gin_files=[str(GIN / f) for f in gin_files],
+  train_main.parse_gin(gin_files=[str(GIN / f) for f in gin_files],
                       gin_bindings=[f"{k} = {v}" for k, v in bindings.items()])
   procedure = gin.get_bindings("uncurl_jax.train.run")["function"]
   name = procedure.__name__
@@ -97,7 +98,7 @@ def test_model_files_define_the_preset_with_their_expert_count(model_file):
 def test_run_files_bind_every_required_argument_of_their_procedure(run_file):
   name, kwargs = _procedure_kwargs(["models/smoe_354m_32e.gin", f"runs/{run_file}"],
                                    RUN_REQUIRED[run_file])
-  procedure = train_lib.evaluate if run_file == "eval.gin" else train_lib.train
+  procedure = train_run.evaluate if run_file == "eval.gin" else train_run.train
   assert name == procedure.__name__
   assert _required_args(procedure) <= set(kwargs)
   assert set(kwargs) <= set(inspect.signature(procedure).parameters)
@@ -132,7 +133,7 @@ def test_overlays_apply_on_their_base_run_file(overlay):
   assert sum(kwargs["task_feature_lengths"].values()) <= kwargs["model_config"].max_length
   seqio.get_mixture_or_task(kwargs["mixture_or_task_name"])
   if overlay == "progressive_dropping.gin":
-    assert kwargs["progressive_dropping"] == finetune.ProgressiveDropping(
+    assert kwargs["progressive_dropping"] == schedules.ProgressiveDropping(
         first_drop_step=200, drop_every_steps=200, target_experts=1, keep_fraction=0.5,
         probe_batches=4)
     assert kwargs["router_warmup_steps"] == 0
@@ -142,7 +143,7 @@ def test_overlays_apply_on_their_base_run_file(overlay):
 
 def test_missing_required_macro_is_reported_by_name(tmp_path):
   with pytest.raises(Exception, match="MODEL_DIR"):
-    train_lib.run_with_gin(gin_files=[str(GIN / "models/tiny.gin"), str(GIN / "runs/pretrain.gin")])
+    train_main.run_with_gin(gin_files=[str(GIN / "models/tiny.gin"), str(GIN / "runs/pretrain.gin")])
   assert not any(tmp_path.iterdir())
 
 

@@ -3,31 +3,35 @@
 The steps are separate modules of pure functions, each usable alone:
 `features` (router-logit similarity, selection frequencies) -> `clustering` ->
 `alignment` (Hungarian weight matching) -> `merge` (weighted averaging, router
-re-indexing). `plan_pruning` composes the deciding part into a `PrunePlan`,
-`apply_plan` executes one; `prune_params` does both.
+re-indexing). `methods` is the registry of pruning methods, `validate` checks the
+arguments, `layout` finds MoE layers in a params tree. `plan_pruning` composes the
+deciding part into a `PrunePlan`, `apply_plan` executes one; `prune_params` does both.
 
 Example:
   >>> from uncurl_jax import pruning
   >>> logits = pruning.collect_router_logits(model, params, batches, max_tokens=65536)
   >>> small_params = pruning.prune_params(params, logits, 8, method="uncurl")
 """
-
-from uncurl_jax.pruning.api import apply_plan
-from uncurl_jax.pruning.api import default_num_experts
-from uncurl_jax.pruning.api import plan_pruning
-from uncurl_jax.pruning.api import prune_params
-from uncurl_jax.pruning.api import pruned_config
+from uncurl_jax.pruning.clustering import CLUSTER_METHODS
 from uncurl_jax.pruning.collect import collect_router_logits
 from uncurl_jax.pruning.layout import DEFAULT_LAYOUT
 from uncurl_jax.pruning.layout import T5X_LAYOUT
 from uncurl_jax.pruning.layout import MoeLayout
+from uncurl_jax.pruning.layout import expert_counts
 from uncurl_jax.pruning.layout import find_moe_layers
 from uncurl_jax.pruning.merge import ROUTER_MODES
-from uncurl_jax.pruning.clustering import CLUSTER_METHODS
-from uncurl_jax.pruning.plan import METHODS
+from uncurl_jax.pruning.methods import METHODS
+from uncurl_jax.pruning.methods import Method
+from uncurl_jax.pruning.methods import MethodInputs
+from uncurl_jax.pruning.methods import register as register_method
 from uncurl_jax.pruning.plan import ExpertAlignment
 from uncurl_jax.pruning.plan import LayerPlan
 from uncurl_jax.pruning.plan import PrunePlan
+from uncurl_jax.pruning.prune import apply_plan
+from uncurl_jax.pruning.prune import plan_pruning
+from uncurl_jax.pruning.prune import prune_params
+from uncurl_jax.pruning.prune import pruned_config
+from uncurl_jax.pruning.validate import default_num_experts
 
 __all__ = [
     "CLUSTER_METHODS",
@@ -37,13 +41,17 @@ __all__ = [
     "T5X_LAYOUT",
     "ExpertAlignment",
     "LayerPlan",
+    "Method",
+    "MethodInputs",
     "MoeLayout",
     "PrunePlan",
     "apply_plan",
     "collect_router_logits",
     "default_num_experts",
+    "expert_counts",
     "find_moe_layers",
     "plan_pruning",
     "prune_params",
     "pruned_config",
+    "register_method",
 ]

@@ -91,7 +91,7 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
 
   Args:
     model: A flax module with t5x's decoder call signature whose MoE layers sow
-      'router_logits'/'logits' ([B, L, E], e.g. `uncurl_jax.decoder.SMoEDecoder`).
+      'router_logits'/'logits' ([B, L, E], e.g. `uncurl_jax.SMoEDecoder`).
     params: Its params.
     batches: Iterable of dicts with 'decoder_input_tokens', 'decoder_target_tokens' and
       'decoder_loss_weights' or 'decoder_segment_ids' (see `real_token_mask`);

@@ -2,7 +2,10 @@
 
 A `MoeLayout` names, relative to an MoE layer's subtree, the paths of the router kernel
 and of the stacked expert weights. MoE layers are found as the subtrees holding a router
-kernel; each is keyed by its '/'-joined path in `params` ('layers_0/mlp').
+kernel; each is keyed by its '/'-joined path in `params` ('layers_0/mlp'). This is the
+one way the project finds MoE layers: `expert_counts` reads only shapes (params or
+`jax.ShapeDtypeStruct`s, e.g. of a checkpoint), `find_moe_layers` reads and checks the
+weights.
 
 Example:
   >>> from uncurl_jax.pruning import layout as layout_lib
@@ -10,6 +13,7 @@ Example:
   >>> sorted(layers)
   ['layers_0/mlp', 'layers_2/mlp']
   >>> layers["layers_0/mlp"].wi_kernel.shape                # [E, d, f]
+  >>> layout_lib.expert_counts(params)                      # {'layers_0/mlp': 8, ...}
   >>> t5x_layers = layout_lib.find_moe_layers(t5x_params, layout_lib.T5X_LAYOUT)
 """
 
@@ -57,7 +61,7 @@ class MoeLayout:
     return dataclasses.asdict(self)
 
 
-# This project's SMoEDecoder (docs/DESIGN.md).
+# This project's SMoEDecoder (docs/model.md).
 DEFAULT_LAYOUT = MoeLayout()
 
 # t5x / flaxformer MoE checkpoints: router under router/router_weights/w, experts without
@@ -100,6 +104,22 @@ def flatten_params(params: Mapping[str, Any]) -> dict[Path, Any]:
   return flax.traverse_util.flatten_dict(params)
 
 
+def expert_counts(params: Mapping[str, Any],
+                  layout: MoeLayout = DEFAULT_LAYOUT) -> dict[str, int]:
+  """{MoE layer path: its expert count}, from the router kernels' shapes only.
+
+  Works on params and on shape trees (`jax.ShapeDtypeStruct`, a checkpoint's metadata);
+  an empty dict means a dense model.
+
+  Example:
+    >>> expert_counts(params)
+    {'layers_0/mlp': 8, 'layers_2/mlp': 8}
+  """
+  suffix = split_path(layout.router_kernel)
+  return {"/".join(path[:-len(suffix)]): leaf.shape[-1]
+          for path, leaf in flatten_params(params).items() if path[-len(suffix):] == suffix}
+
+
 def find_moe_layers(params: Mapping[str, Any],
                     layout: MoeLayout = DEFAULT_LAYOUT) -> dict[str, MoeLayerWeights]:
   """Finds the MoE layers of `params` described by `layout` and checks their shapes.
@@ -120,18 +140,13 @@ def find_moe_layers(params: Mapping[str, Any],
     >>> layers["layers_0/mlp"].num_experts, layers["layers_0/mlp"].d_ff
     (8, 128)
   """
-  flat = flatten_params(params)
-  router_suffix = split_path(layout.router_kernel)
-  prefixes = [path[:-len(router_suffix)] for path in flat
-              if path[-len(router_suffix):] == router_suffix]
-  if not prefixes:
+  names = expert_counts(params, layout)
+  if not names:
     raise ValueError(
         f"no MoE layer found: no parameter path ends with {layout.router_kernel!r} "
         f"(layout {layout}); pass the MoeLayout that describes these params")
-  layers = {}
-  for prefix in prefixes:
-    layers["/".join(prefix)] = _read_layer(flat, prefix, layout)
-  return layers
+  flat = flatten_params(params)
+  return {name: _read_layer(flat, split_path(name), layout) for name in names}
 
 
 def _read_layer(flat: dict[Path, Any], prefix: Path, layout: MoeLayout) -> MoeLayerWeights:

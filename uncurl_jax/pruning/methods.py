@@ -1,24 +1,34 @@
-"""Per-layer decisions of each pruning method: which old experts form each new one.
+"""The pruning methods: a registry of per-layer decisions (which old experts form each new one).
 
-Each function returns a `Grouping` (labels, anchors, which members align to which
-reference); merge weights follow from the selection frequencies (`merge_weights`).
-New experts are numbered by ascending anchor index, so a plan that keeps every expert
-keeps them in their original order.
+A method is one `Method` entry: its name, whether it needs task statistics (router
+logits) or the pretrained router, whether it merges experts or only selects them, the
+router option it defaults to, and its `group` function. `group` sees every MoE layer at
+once (a `MethodInputs`) and returns a `Grouping` per layer: labels, anchors, and which
+members to align to which reference. Merge weights then follow from the selection
+frequencies (`merge_weights`). New experts are numbered by ascending anchor index, so a
+plan that keeps every expert keeps them in their original order.
+
+Adding a method is one `register(Method(...))` call; `plan_pruning(method=name)` then
+runs it like the built-in ones.
 
 Example:
-  >>> s, f = features.router_similarity(h), features.selection_frequencies(h)
-  >>> grouping = uncurl_grouping(s, f, 4, cluster="spectral", seed=0)
-  >>> weights = merge_weights(grouping.labels, f)
+  >>> method = methods.get("uncurl")
+  >>> groupings = method.group(MethodInputs(layers=layers, targets={"layers_0/mlp": 4}, ...))
+  >>> weights = merge_weights(groupings["layers_0/mlp"].labels, frequencies)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import zlib
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from uncurl_jax.pruning import clustering
-
+from uncurl_jax.pruning import features
+from uncurl_jax.pruning import layout as layout_lib
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:
@@ -136,3 +146,138 @@ def merge_weights(labels: np.ndarray, frequencies: np.ndarray | None) -> np.ndar
     else:
       weights[members] = 1.0 / members.sum()
   return weights
+
+
+# ----------------------------------------------------------------------------------------
+# The registry.
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodInputs:
+  """What a method's `group` function sees: every MoE layer of the params at once.
+
+  Attributes:
+    layers: {layer path: its weights}, in the params' order.
+    targets: {layer path: D, the experts it keeps}.
+    logits: {layer path: [tokens, E] raw router logits on the task}, or None.
+    frequencies: {layer path: [E] selection frequencies}, or None without logits.
+    pretrained_router: {layer path: [d, E] router kernel before finetuning}, or None.
+    cluster: Clustering algorithm for the methods that cluster.
+    seed: Seed of the random decisions.
+  """
+
+  layers: Mapping[str, layout_lib.MoeLayerWeights]
+  targets: Mapping[str, int]
+  logits: Mapping[str, np.ndarray] | None = None
+  frequencies: Mapping[str, np.ndarray] | None = None
+  pretrained_router: Mapping[str, np.ndarray] | None = None
+  cluster: str = "spectral"
+  seed: int = 0
+
+  @functools.cached_property
+  def similarities(self) -> dict[str, np.ndarray]:
+    """{layer: [E, E] router-logit similarity}, computed on first use."""
+    return {name: features.router_similarity(h) for name, h in self.logits.items()}
+
+  def layer_rng(self, name: str) -> np.random.Generator:
+    """A generator seeded by `seed` and the layer's name (not its position)."""
+    return np.random.default_rng([self.seed, layer_seed(name)])
+
+
+def layer_seed(layer_name: str) -> int:
+  """Per-layer seed offset that depends on the layer's name, not on the layers' order."""
+  return zlib.crc32(layer_name.encode()) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A pruning method of the registry.
+
+  Attributes:
+    name: What `plan_pruning(method=...)` takes.
+    group: MethodInputs -> {layer path: Grouping}.
+    merges: True if members are averaged into their anchor; False if experts are only
+      kept or dropped (selection: merge weights are 1 for kept experts).
+    needs_logits: Needs the task's router logits (else they are optional).
+    needs_pretrained: Needs the pretrained router (`pretrained_params=`).
+    default_router: The router option when the caller gives none.
+    description: One line for documentation and error messages.
+  """
+
+  name: str
+  group: Callable[[MethodInputs], dict[str, Grouping]]
+  merges: bool
+  needs_logits: bool = True
+  needs_pretrained: bool = False
+  default_router: str = "reinit"
+  description: str = ""
+
+
+def per_layer(fn: Callable[[MethodInputs, str], Grouping]
+              ) -> Callable[[MethodInputs], dict[str, Grouping]]:
+  """Lifts a per-layer decision `fn(inputs, layer_name)` to a method's `group`."""
+  return lambda inputs: {name: fn(inputs, name) for name in inputs.layers}
+
+
+def _mc_smoe(inputs: MethodInputs) -> dict[str, Grouping]:
+  dominant = clustering.global_dominant_experts(inputs.frequencies,
+                                                sum(inputs.targets.values()))
+  return {name: mc_smoe_grouping(inputs.similarities[name], dominant[name])
+          for name in inputs.layers}
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds `method` to the registry (its name must be new); returns it."""
+  if not isinstance(method, Method):
+    raise TypeError(f"register needs a Method, got {type(method).__name__}")
+  if method.name in _REGISTRY:
+    raise ValueError(f"a pruning method named {method.name!r} is already registered")
+  _REGISTRY[method.name] = method
+  return method
+
+
+def get(name: str) -> Method:
+  """The registered method `name`; ValueError naming the known ones otherwise."""
+  if not isinstance(name, str) or name not in _REGISTRY:
+    raise ValueError(f"method must be one of {names()}, got {name!r}")
+  return _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+  """Names of the registered methods, in registration order."""
+  return tuple(_REGISTRY)
+
+
+register(Method(
+    "uncurl", merges=True, description="cluster on router-logit similarity, align, merge",
+    group=per_layer(lambda i, name: uncurl_grouping(
+        i.similarities[name], i.frequencies[name], i.targets[name], cluster=i.cluster,
+        seed=i.seed))))
+register(Method(
+    "frequency", merges=False, default_router="anchor",
+    description="keep the most selected experts",
+    group=per_layer(lambda i, name: frequency_grouping(i.frequencies[name], i.targets[name]))))
+register(Method(
+    "frequency_merge", merges=True,
+    description="most selected experts anchor, the others merge into the most similar",
+    group=per_layer(lambda i, name: frequency_merge_grouping(
+        i.similarities[name], i.frequencies[name], i.targets[name]))))
+register(Method(
+    "mc_smoe", merges=True, group=_mc_smoe,
+    description="MC-SMoE: dominant experts chosen across layers, the others merge"))
+register(Method(
+    "router_norm", merges=False, needs_logits=False, needs_pretrained=True,
+    default_router="anchor", description="keep the largest change of router-column norm",
+    group=per_layer(lambda i, name: router_norm_grouping(
+        np.asarray(i.layers[name].router_kernel), i.pretrained_router[name], i.targets[name]))))
+register(Method(
+    "random", merges=False, needs_logits=False, default_router="anchor",
+    description="keep experts drawn uniformly at random",
+    group=per_layer(lambda i, name: random_grouping(
+        i.layers[name].num_experts, i.targets[name], i.layer_rng(name)))))
+
+# The built-in methods (the registry may hold more).
+METHODS = names()

@@ -23,10 +23,7 @@ import numpy as np
 
 from uncurl_jax.pruning import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
-
-METHODS = ("uncurl", "frequency", "frequency_merge", "mc_smoe", "router_norm", "random")
-# Methods that keep experts as they are (no merging); the router is sliced to them.
-SELECTION_METHODS = ("frequency", "router_norm", "random")
+from uncurl_jax.pruning import methods as methods_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +127,7 @@ class PrunePlan:
   """How to prune every MoE layer of a parameter pytree (see `plan_pruning`).
 
   Attributes:
-    method: One of METHODS.
+    method: A registered method (`methods.names()`).
     router: How the pruned router is made: "reinit", "anchor" or "merge".
     layers: {MoE layer path: LayerPlan}.
     seed: Seed of the random decisions and of a re-initialized router.
@@ -150,8 +147,9 @@ class PrunePlan:
   layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT
 
   def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"PrunePlan.method must be one of {METHODS}, got {self.method!r}")
+    if self.method not in methods_lib.names():
+      raise ValueError(f"PrunePlan.method must be one of {methods_lib.names()}, got "
+                       f"{self.method!r}")
     if self.router not in merge_lib.ROUTER_MODES:
       raise ValueError(f"PrunePlan.router must be one of {merge_lib.ROUTER_MODES}, got "
                        f"{self.router!r}")

@@ -1,0 +1,140 @@
+"""Presets and validation of `ModelConfig`; parameter counts from shapes only."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import pytest
+
+from uncurl_jax.model import configs
+from uncurl_jax.model.decoder import SMoEDecoder, param_count
+
+
+def _hand_count(cfg: configs.ModelConfig) -> int:
+  """Parameter count of docs/DESIGN.md's layout, written out by hand."""
+  d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
+  attention = 4 * d * d + 3 * d + d  # q/k/v/out kernels; [H, dh] biases; out bias
+  norms = 2 * 2 * d
+  ffn = d * f + f + f * d + d
+  total = v * d + cfg.max_length * d + 2 * d
+  total += cfg.num_layers * (attention + norms)
+  for i in range(cfg.num_layers):
+    total += cfg.num_experts * ffn + d * cfg.num_experts if cfg.is_moe_layer(i) else ffn
+  if not cfg.tie_embeddings:
+    total += d * v
+  return total
+
+
+@pytest.mark.parametrize("num_experts, paper_billions", [(8, 1.05), (64, 6.7), (128, 13.0)])
+def test_paper_presets_match_reported_sizes(num_experts, paper_billions):
+  cfg = configs.get("354m", num_experts=num_experts)
+  count = param_count(cfg)
+  assert count == _hand_count(cfg)
+  assert abs(count / 1e9 - paper_billions) / paper_billions < 0.02
+
+
+def test_354m_32e_truncates_to_paper_size():
+  # The paper's "3.4B" truncates: the count is ~3.478e9, 2.3% above 3.4e9, so the
+  # 2% band used for the other sizes does not apply; the first decimal must match.
+  count = param_count(configs.get("354m", num_experts=32))
+  assert int(count / 1e8) == 34
+
+
+def test_dense_preset_is_the_354m_backbone():
+  cfg = configs.get("dense")
+  assert cfg.num_experts == 0 and cfg.moe_layers == ()
+  assert not any(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  count = param_count(cfg)
+  assert count == _hand_count(cfg)
+  assert 0.35e9 < count < 0.36e9  # GPT-2 medium width with a 1024-position table
+
+
+def test_untied_embeddings_add_an_output_matrix():
+  cfg = configs.get("tiny", tie_embeddings=False)
+  assert param_count(cfg) == _hand_count(cfg)
+  tied = dataclasses.replace(cfg, tie_embeddings=True)
+  assert param_count(cfg) - param_count(tied) == cfg.d_model * cfg.vocab_size
+
+
+def test_moe_layers_are_every_other_block_from_the_first():
+  cfg = configs.get("354m", num_experts=64)
+  assert cfg.moe_layers == tuple(range(0, 24, 2))
+  assert (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_layers) == (1024, 4096, 16, 24)
+  assert cfg.head_dim == 64
+  shifted = dataclasses.replace(cfg, moe_every=4, moe_offset=1)
+  assert shifted.moe_layers == (1, 5, 9, 13, 17, 21)
+
+
+def test_capacity_follows_factors_and_minimum():
+  cfg = configs.get("tiny", num_experts=8)  # train 1.2, eval 1.0, min 4
+  assert cfg.capacity(64, train=True) == 10  # ceil(1.2 * 64 / 8)
+  assert cfg.capacity(64, train=False) == 8
+  assert cfg.capacity(16, train=False) == 4  # ceil(2) raised to the minimum
+  assert dataclasses.replace(cfg, top_k=2).capacity(64, train=False) == 16
+  assert dataclasses.replace(cfg, dropless=True).capacity(64, train=True) == 64
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(num_heads=5), "num_heads=5"),
+    (dict(d_model=0), "d_model"),
+    (dict(num_experts=-1), "num_experts"),
+    (dict(num_experts=2, top_k=3), "top_k=3"),
+    (dict(moe_offset=2), "moe_offset=2"),
+    (dict(train_capacity_factor=0.0), "train_capacity_factor"),
+    (dict(group_size=0), "group_size"),
+    (dict(dispatch="ragged"), "ragged"),
+    (dict(expert_parallel="always"), "always"),
+    (dict(dtype="float16"), "float16"),
+    (dict(dropout_rate=1.0), "dropout_rate"),
+])
+def test_invalid_configs_raise(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    configs.get("tiny", **overrides)
+
+
+def test_unknown_preset_and_non_config_raise():
+  with pytest.raises(ValueError, match="'huge'"):
+    configs.get("huge")
+  with pytest.raises(TypeError, match="ModelConfig"):
+    param_count({"d_model": 64})
+
+
+def test_per_layer_expert_counts():
+  cfg = configs.get("tiny", num_layers=4, num_experts=8, layer_num_experts=[4, 2])
+  assert cfg.layer_num_experts == (4, 2)
+  assert [cfg.experts_in_layer(i) for i in range(4)] == [4, 0, 2, 0]
+  assert cfg.layer_config(2).num_experts == 2 and cfg.layer_config(2).layer_num_experts is None
+  assert cfg.layer_config(1) is cfg
+  shapes = jax.eval_shape(lambda: SMoEDecoder(cfg).init(
+      jax.random.key(0), jnp.ones((1, 8)), jnp.ones((1, 8)), enable_dropout=False))["params"]
+  assert shapes["layers_0"]["mlp"]["expert"]["wi"]["kernel"].shape[0] == 4
+  assert shapes["layers_2"]["mlp"]["router"]["kernel"].shape == (cfg.d_model, 2)
+  with pytest.raises(ValueError, match="one count per"):
+    configs.get("tiny", num_layers=4, layer_num_experts=(4,))
+  with pytest.raises(ValueError, match="top_k"):
+    configs.get("tiny", num_layers=4, top_k=2, layer_num_experts=(4, 1))
+
+
+def test_with_expert_counts_from_ints_sequences_and_layer_paths():
+  cfg = configs.get("tiny", num_layers=4, num_experts=8)      # MoE blocks 0 and 2
+  assert configs.with_expert_counts(cfg, 8) is cfg
+  assert configs.with_expert_counts(cfg, 4).num_experts == 4
+  dense = configs.with_expert_counts(cfg, 0)
+  assert (dense.num_experts, dense.moe_layers) == (0, ())
+  assert configs.with_expert_counts(cfg, {}) == dense
+  uneven = configs.with_expert_counts(cfg, {"layers_2/mlp": 2, "layers_0/mlp": 6})
+  assert (uneven.num_experts, uneven.layer_num_experts) == (6, (6, 2))
+  assert configs.with_expert_counts(cfg, [3, 3]).num_experts == 3
+  # A dense config places MoE blocks by moe_every/moe_offset when given counts.
+  assert configs.with_expert_counts(dense, {"layers_0/mlp": 2, "layers_2/mlp": 2}) == \
+      configs.with_expert_counts(cfg, 2)
+  with pytest.raises(ValueError, match=r"name MoE blocks \[0, 1\], the model config places "
+                                       r"them at \[0, 2\]"):
+    configs.with_expert_counts(cfg, {"layers_0/mlp": 2, "layers_1/mlp": 2})
+  with pytest.raises(ValueError, match="one expert count per MoE block"):
+    configs.with_expert_counts(cfg, [2])
+  with pytest.raises(ValueError, match=">= 1"):
+    configs.with_expert_counts(cfg, [2, 0])
+  with pytest.raises(ValueError, match="does not start with 'layers_<block>'"):
+    configs.with_expert_counts(cfg, {"decoder/mlp": 2})

@@ -1,0 +1,169 @@
+"""Pruning with the real SMoEDecoder: logit collection, reduced models, exact outputs."""
+
+import dataclasses
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uncurl_jax.model import configs
+from uncurl_jax import pruning
+from uncurl_jax.model.decoder import SMoEDecoder
+
+# Blocks 0 and 2 are MoE. Dropless, so no token is dropped for capacity in either model.
+CONFIG = configs.get("tiny", vocab_size=64, max_length=16, d_model=32, d_ff=32, num_heads=2,
+                     num_layers=3, num_experts=8, dropless=True)
+MOE_LAYERS = ("layers_0/mlp", "layers_2/mlp")
+BATCH, LENGTH = 4, 16
+KEPT = (1, 3, 4, 6)
+
+
+@functools.cache
+def _init(cfg):
+  shape = (BATCH, LENGTH)
+  init = jax.jit(functools.partial(SMoEDecoder(cfg).init, enable_dropout=False))
+  return init(jax.random.key(0), jnp.ones(shape), jnp.ones(shape))["params"]
+
+
+@functools.cache
+def _forward(cfg):
+  model = SMoEDecoder(cfg)
+  return jax.jit(lambda params, tokens: model.apply({"params": params}, tokens, tokens,
+                                                    enable_dropout=False))
+
+
+def _batches(num_batches=2, seed=0):
+  """Batches whose rows end with padding (loss weight 0, token 0) of varying length."""
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(num_batches):
+    tokens = rng.integers(1, CONFIG.vocab_size, (BATCH, LENGTH))
+    lengths = rng.integers(4, LENGTH + 1, BATCH)
+    weights = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.float32)
+    tokens = tokens * weights.astype(tokens.dtype)
+    batches.append({"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
+                    "decoder_loss_weights": weights})
+  return batches
+
+
+def _direct_logits(cfg, params, batch):
+  model = SMoEDecoder(cfg)
+  _, state = jax.jit(lambda p, t: model.apply({"params": p}, t, t, enable_dropout=False,
+                                              mutable=["router_logits"]))(
+                                                  params, batch["decoder_input_tokens"])
+  mask = batch["decoder_loss_weights"] > 0
+  return {name: np.asarray(state["router_logits"][name.split("/")[0]]["mlp"]["logits"])[mask]
+          for name in MOE_LAYERS}
+
+
+def test_collect_router_logits_excludes_padding_and_stops_at_max_tokens():
+  params, batches = _init(CONFIG), _batches()
+  logits = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, batches)
+  real = int(sum(b["decoder_loss_weights"].sum() for b in batches))
+  assert real < 2 * BATCH * LENGTH  # the batches do have padding
+  expected = [_direct_logits(CONFIG, params, b) for b in batches]
+  assert sorted(logits) == list(MOE_LAYERS)
+  for name in MOE_LAYERS:
+    assert logits[name].shape == (real, CONFIG.num_experts) and logits[name].dtype == np.float32
+    np.testing.assert_allclose(logits[name], np.concatenate([e[name] for e in expected]),
+                               rtol=1e-5, atol=1e-6)
+  # max_tokens keeps the first real tokens in batch order and stops early.
+  first = int(batches[0]["decoder_loss_weights"].sum())
+  some = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, iter(batches),
+                                       max_tokens=first + 3)
+  np.testing.assert_array_equal(some["layers_2/mlp"], logits["layers_2/mlp"][:first + 3])
+  # Packed batches mark padding with segment id 0.
+  packed = dict(batches[0], decoder_segment_ids=batches[0]["decoder_loss_weights"].astype(int))
+  del packed["decoder_loss_weights"]
+  assert pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [packed])[
+      "layers_0/mlp"].shape == (first, CONFIG.num_experts)
+
+
+def test_collect_router_logits_errors():
+  params = _init(CONFIG)
+  batch = _batches(1)[0]
+  with pytest.raises(ValueError, match="max_tokens"):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [batch], max_tokens=0)
+  with pytest.raises(ValueError, match="decoder_loss_weights"):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), params,
+                                  [{k: batch[k] for k in ("decoder_input_tokens",
+                                                          "decoder_target_tokens")}])
+  empty = dict(batch, decoder_loss_weights=np.zeros_like(batch["decoder_loss_weights"]))
+  with pytest.raises(ValueError, match="no real tokens"):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [empty])
+  with pytest.raises(ValueError, match="no real tokens in 0 batches"):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [])
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_pruned_params_run_in_the_reduced_model(top_k):
+  cfg = dataclasses.replace(CONFIG, top_k=top_k)
+  params = _init(cfg)
+  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, _batches())
+  plan = pruning.plan_pruning(params, logits, 4, top_k=top_k, router_init_std=cfg.init_std)
+  small = pruning.apply_plan(params, plan)
+  small_cfg = pruning.pruned_config(cfg, plan)
+  assert small_cfg.num_experts == 4
+  expected_shapes = jax.tree_util.tree_map(jnp.shape, _init(small_cfg))
+  assert jax.tree_util.tree_map(jnp.shape, small) == expected_shapes
+  out = _forward(small_cfg)(small, _batches(1)[0]["decoder_input_tokens"])
+  assert out.shape == (BATCH, LENGTH, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_unevenly_pruned_params_run_in_the_reduced_model():
+  params = _init(CONFIG)
+  logits = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, _batches())
+  plan = pruning.plan_pruning(params, logits, 3, method="mc_smoe", router="merge")
+  small_cfg = pruning.pruned_config(CONFIG, plan)
+  small = pruning.apply_plan(params, plan)
+  assert sum(small_cfg.layer_num_experts) == 3 * len(CONFIG.moe_layers)
+  assert jax.tree_util.tree_map(jnp.shape, small) == jax.tree_util.tree_map(
+      jnp.shape, _init(small_cfg))
+  out = _forward(small_cfg)(small, _batches(1)[0]["decoder_input_tokens"])
+  assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def _never_route_to_dropped(params):
+  """Params in which every token's router logits for experts not in KEPT are ~ -40.
+
+  One residual dimension is made constant 1 after the pre-MLP LayerNorm (scale 0, bias
+  1); the dropped experts' router row there is -40. The kept experts get wider router
+  columns so that each of them wins tokens. The dropped experts' softmax mass is then
+  ~e^-40, so the 8-expert model and the model keeping only KEPT compute the same
+  function up to float rounding, even though the gate is the softmax over all experts.
+  """
+  flat = {k: np.array(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+  dropped = [e for e in range(CONFIG.num_experts) if e not in KEPT]
+  for name in MOE_LAYERS:
+    block = name.split("/")[0]
+    flat[(block, "pre_mlp_layer_norm", "scale")][0] = 0.0
+    flat[(block, "pre_mlp_layer_norm", "bias")][0] = 1.0
+    kernel = flat[(block, "mlp", "router", "kernel")]
+    kernel[:, list(KEPT)] *= 50.0
+    kernel[0, list(KEPT)] = 0.0
+    kernel[0, dropped] = -40.0
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("method", ["frequency", "frequency_merge"])
+def test_anchor_router_reproduces_the_original_on_kept_experts(top_k, method):
+  cfg = dataclasses.replace(CONFIG, top_k=top_k)
+  params = _never_route_to_dropped(_init(cfg))
+  batches = _batches()
+  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, batches)
+  plan = pruning.plan_pruning(params, logits, len(KEPT), method=method, router="anchor",
+                              top_k=top_k)
+  for layer in plan.layers.values():
+    assert layer.anchors == KEPT  # every token went to kept experts only
+    assert all(layer.frequencies[e] == 0 for e in range(8) if e not in KEPT)
+    assert all(layer.frequencies[e] > 0 for e in KEPT)
+  small = pruning.apply_plan(params, plan)
+  small_cfg = pruning.pruned_config(cfg, plan)
+  for batch in batches:
+    tokens = batch["decoder_input_tokens"]
+    np.testing.assert_allclose(_forward(small_cfg)(small, tokens),
+                               _forward(cfg)(params, tokens), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,242 @@
+"""The study end to end on a miniature configuration, its caching and resuming, its config.
+
+One miniature study (2 MoE blocks of width 16, 4 experts pruned to 2, 4 training steps per
+stage) runs once per module through a sequence: its first training stage is interrupted
+after a checkpoint, the study is rerun (that stage resumes), rerun again (everything
+cached), and rerun with one more method (only that method's stages run).
+"""
+
+import dataclasses
+import os
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+import uncurl_jax.tasks  # noqa: F401  (registers the seqio tasks)
+from uncurl_jax.train import checkpoints
+from uncurl_jax.model import configs
+from uncurl_jax.study import __main__ as study_main
+from uncurl_jax.study import run as study_run
+from uncurl_jax.train import schedules
+from uncurl_jax import pruning
+from uncurl_jax.study import runner as study_lib
+from uncurl_jax.study import config as study_config
+from uncurl_jax.study import stages as study_stages
+from uncurl_jax.train import run as train_lib
+from uncurl_jax.study.cache import Status
+from uncurl_jax.study.config import Runtime, TrainSettings
+
+TASK = "synthetic_lm_dna"
+
+
+def _config(output_dir, **overrides):
+  fields = dict(
+      name="mini", output_dir=str(output_dir),
+      model=configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32, num_heads=2,
+                        max_length=32),
+      tasks=[TASK],
+      pretrain=TrainSettings(task_feature_lengths={"targets": 32}, steps=4, batch_size=8,
+                             learning_rate=1e-2, warmup_steps=1,
+                             mixture_or_task_name="synthetic_lm"),
+      finetune=TrainSettings(task_feature_lengths={"targets": 32}, steps=4, batch_size=8,
+                             learning_rate=1e-2, warmup_steps=1, router_warmup_steps=1,
+                             router_warmup_learning_rate=1e-2),
+      source_experts=[4], pruned_experts=[2], methods=["uncurl:reinit", "frequency"],
+      dense_reference=False, eval_batches=1, eval_batch_size=8, logits_max_tokens=64,
+      usage_max_tokens=64, runtime=Runtime(checkpoint_every_steps=2, log_every_steps=1))
+  fields.update(overrides)
+  return study_config.StudyConfig(**fields)
+
+
+class _Interrupted(Exception):
+  pass
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """The study interrupted, resumed, rerun cached, and rerun with one more method."""
+  output_dir = tmp_path_factory.mktemp("study")
+  real_save = checkpoints.save
+
+  def save_then_die(manager, state, **kwargs):
+    real_save(manager, state, **kwargs)
+    if int(state.step) == 2:  # the first stage is killed right after its step-2 checkpoint
+      raise _Interrupted
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoints, "save", save_then_die)
+    with pytest.raises(_Interrupted):
+      study_run.run_study(_config(output_dir))
+  resumed = study_run.run_study(_config(output_dir))
+  cached = study_run.run_study(_config(output_dir))
+  # Another report directory over the same stages.
+  extended = study_run.run_study(_config(
+      tmp_path_factory.mktemp("extended"), stages_dir=str(output_dir / "stages"),
+      methods=["uncurl:reinit", "frequency", "random"]))
+  return dict(output_dir=output_dir, resumed=resumed, cached=cached, extended=extended)
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(runs):
+  events = runs["resumed"]["events"]
+  assert events[0] == ("pretrain-e2", Status.RESUMED)
+  assert all(status == Status.RAN for _, status in events[1:])
+  stage = study_lib.Study(_config(runs["output_dir"])).pretrained(2)
+  # Training continued at step 3 from the step-2 checkpoint and ran to the end.
+  assert stage.result["first_step"] == 3 and stage.result["steps"] == 4
+
+
+def test_rows_table_and_files(runs):
+  rows = runs["resumed"]["rows"]
+  assert [(r.kind, r.num_experts, r.method) for r in rows] == [
+      ("scratch", 2, ""), ("scratch", 4, ""), ("pruned", 2, "uncurl"), ("pruned", 2, "frequency")]
+  for row in rows:
+    assert 0.0 <= row.score <= 100.0 and row.task == TASK and row.seed == 0
+    assert (row.score_before_finetune is not None) == (row.kind == "pruned")
+  files = runs["resumed"]["files"]
+  with open(files["csv"]) as f:
+    assert len(f.read().strip().splitlines()) == 1 + len(rows)
+  with open(files["markdown"]) as f:
+    markdown = f.read()
+  assert files["table"] in markdown and "| 4->2 uncurl (reinit) |" in files["table"]
+  for name in ("scores", "pruning_factor", f"similarity_{TASK}", f"expert_usage_{TASK}"):
+    with open(files[name], "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(files[name]) > 2000
+
+
+def test_rerun_skips_every_stage_and_gives_the_same_rows(runs):
+  assert all(status == Status.SKIPPED for _, status in runs["cached"]["events"])
+  assert runs["cached"]["rows"] == runs["resumed"]["rows"]
+
+
+def test_added_method_runs_only_its_stages(runs):
+  ran = [name for name, status in runs["extended"]["events"] if status != Status.SKIPPED]
+  suffix = f"random-e4to2-{TASK}"
+  assert ran == [f"prune-{suffix}", f"score-prune-{suffix}", f"finetune-{suffix}",
+                 f"score-finetune-{suffix}"]
+  assert runs["extended"]["rows"][:4] == runs["resumed"]["rows"]
+
+
+def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
+  """The 'frequency' row's pre-finetuning score, recomputed from the library functions."""
+  study = study_lib.Study(_config(runs["output_dir"]))
+  base = study.pretrained(4)
+  logits = study_stages.load_logits(study.router_logits(study_config.StudyTask(TASK), base, 4)
+                                    .path("logits.npz"))
+  small = pruning.prune_params(study.params(base), logits, 2, method="frequency", seed=0)
+  config = dataclasses.replace(study.config.model, num_experts=2)
+  scorer = study_stages.LossScorer(task=TASK, task_feature_lengths={"targets": 32}, pack=True,
+                                   batch_size=8, max_batches=1, mesh=study.config.runtime.mesh)
+  expected = scorer(config, small)["accuracy"]
+  row = next(r for r in runs["resumed"]["rows"] if r.method == "frequency")
+  np.testing.assert_allclose(row.score_before_finetune, expected, rtol=1e-6)
+
+
+def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
+  """The study's in-process training (resumed once) gives train.train's params exactly,
+  for a pretraining and for a pruned model's finetuning with the router warm-up."""
+  config = _config(runs["output_dir"])
+  study = study_lib.Study(config)
+  task = study_config.StudyTask(TASK)
+  base = study.pretrained(2)
+  pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), 4, 2,
+                        base=study.pretrained(4), logits=study.router_logits(
+                            task, study.pretrained(4), 4), source_finetuned=None)
+  finetuned = study.finetuned(task, pruned, "uncurl-reinit-e4to2", num_experts=2,
+                              router_warmup=True)
+  assert {base.status, pruned.status, finetuned.status} == {Status.SKIPPED}
+  model = dataclasses.replace(config.model, num_experts=2)
+  common = dict(model_config=model, batch_size=8, train_steps=4, seed=0, data_seed=0,
+                eval_split=None, checkpoint_every_steps=100, async_checkpointing=False)
+  with study_run.persistent_compilation_cache(os.path.join(study.cache.root,
+                                                            "jax_compilation_cache")):
+    pretrained = train_lib.train(
+        model_dir=str(tmp_path / "pretrain"), mixture_or_task_name="synthetic_lm",
+        task_feature_lengths={"targets": 32}, make_optimizer=config.pretrain.make_optimizer(),
+        **common)
+    tuned = train_lib.train(
+        model_dir=str(tmp_path / "finetune"), mixture_or_task_name=TASK,
+        task_feature_lengths={"targets": 32}, make_optimizer=config.finetune.make_optimizer(),
+        init_checkpoint=pruned.path(pruned.result["checkpoint"]), router_warmup_steps=1,
+        router_warmup_learning_rate=1e-2, **common)
+  for expected, stage in ((pretrained.state.params, base), (tuned.state.params, finetuned)):
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected),
+                 jax.device_get(study.params(stage)))
+
+
+# ------------------------------------------------------------------------------------------
+# Configuration (no training).
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(pruned_experts=[4]), "not below any source_experts"),
+    (dict(pruned_experts=[0]), ">= 1"),
+    (dict(pruned_experts=[]), "non-empty"),
+    (dict(finetune_steps={"other_task": 3}), "not in tasks"),
+    (dict(methods=[]), "methods is empty"),
+    (dict(methods=["pruning_by_magic"]), "unknown method"),
+    (dict(methods=["uncurl:sideways"]), "router option"),
+    (dict(methods=["progressive_dropping:anchor"]), "router option"),
+    (dict(methods=["progressive_dropping"]), "needs StudyConfig.dropping"),
+    (dict(methods=["progressive_dropping"],
+          dropping=schedules.ProgressiveDropping(first_drop_step=4, drop_every_steps=1)),
+     "not before the finetuning"),
+    (dict(tasks=[]), "empty"),
+    (dict(tasks=[":x_rank"]), "expected 'task'"),
+    (dict(tasks=["a:b:c:d"]), "expected 'task'"),
+])
+def test_bad_study_configs_raise(tmp_path, overrides, match):
+  with pytest.raises(ValueError, match=match):
+    _config(tmp_path, **overrides)
+
+
+def test_bad_training_settings_raise(tmp_path):
+  with pytest.raises(ValueError, match="mixture_or_task_name"):
+    _config(tmp_path, finetune=TrainSettings(task_feature_lengths={"targets": 32}, steps=4,
+                                             batch_size=4, learning_rate=1.0,
+                                             mixture_or_task_name="synthetic_lm"))
+  with pytest.raises(ValueError, match="max_length"):
+    _config(tmp_path, pretrain=TrainSettings(task_feature_lengths={"targets": 64}, steps=4,
+                                             batch_size=4, learning_rate=1.0,
+                                             mixture_or_task_name="synthetic_lm"))
+  with pytest.raises(ValueError, match="router_warmup_steps"):
+    TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1,
+                  learning_rate=1.0, router_warmup_steps=4)
+  with pytest.raises(ValueError, match="warmup_steps"):
+    TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1,
+                  learning_rate=1.0, warmup_steps=4, router_warmup_steps=1)
+
+
+def test_specs_parse():
+  assert study_config.MethodSpec.parse("uncurl:merge") == study_config.MethodSpec("uncurl", "merge")
+  assert study_config.MethodSpec.parse("random").slug == "random"
+  assert study_config.StudyTask.parse("a:a_rank") == study_config.StudyTask("a", "a_rank")
+  assert study_config.StudyTask.parse("a::f1") == study_config.StudyTask("a", None, "f1")
+
+
+def test_pairs_and_per_task_finetuning_steps(tmp_path):
+  finetune_settings = TrainSettings(task_feature_lengths={"targets": 32}, steps=4,
+                                    batch_size=4, learning_rate=1.0, warmup_steps=3,
+                                    router_warmup_steps=1)
+  config = _config(tmp_path, source_experts=[32, 64, 128], pruned_experts=[8, 32, 64],
+                   finetune=finetune_settings, finetune_steps={TASK: 2})
+  # The paper's six pairs.
+  assert config.pairs == ((32, 8), (64, 8), (64, 32), (128, 8), (128, 32), (128, 64))
+  settings = config.finetune_settings(config.tasks[0])
+  assert settings.steps == 2 and settings.warmup_steps == 1  # capped to 2 - 1 router step
+  assert _config(tmp_path).finetune_settings(config.tasks[0]).steps == 4
+
+
+@pytest.mark.parametrize("gin_file", ["synthetic.gin", "sweep.gin", "paper_354m.gin"])
+def test_experiment_gin_files_make_valid_study_configs(gin_file):
+  try:
+    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", gin_file)])
+    config = study_main.register_configurables()["StudyConfig"]()
+  finally:
+    gin.clear_config()
+  assert isinstance(config, study_config.StudyConfig)
+  assert config.pairs
+  names = {m.method for m in config.methods}
+  assert {"uncurl", "frequency"} <= names

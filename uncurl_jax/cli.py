@@ -1,0 +1,210 @@
+r"""The command-line layer shared by `python -m uncurl_jax.train` and `python -m uncurl_jax.study`.
+
+Like t5x's gin_utils: absl flags, gin files and bindings, paths made absolute, then the
+command's procedure. The library modules do not use gin; each command registers the
+functions its gin files name (`gin.external_configurable`) and hands them to `parse_gin`.
+
+Flags (both commands):
+  --gin_file=F (repeatable)       gin files, parsed in order
+  --gin_bindings='NAME = V'       bindings, applied after the files
+  --gin.NAME=V                    shorthand for --gin_bindings='NAME = V'; a V that is not
+                                  a Python literal is taken as a string (--gin.MODEL_DIR=/tmp/x)
+  --gin_search_paths=D            directories searched for gin files (default: '.')
+  --coordinator_address, --process_count, --process_index, --multiprocess: multi-host
+
+Paths: orbax needs absolute paths, and a relative path would otherwise mean different
+things to different processes. `absolutize_paths` rewrites the path parameters a command
+declares (e.g. `uncurl_jax.train.train.model_dir`), or the macros they refer to, to
+absolute paths against the working directory, once, right after parsing.
+
+Each command is a `Command` (its configurables, the procedure it calls, its path
+parameters); `python -m` runs `cli.run(command.main)`.
+
+Example:
+  >>> command = Command(register_configurables, "run", path_parameters=["m.train.model_dir"])
+  >>> command.run_with_gin(gin_files=["gin/models/tiny.gin"], gin_bindings=["MODEL_DIR = 'x'"])
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import gin
+import jax
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
+flags.DEFINE_multi_string("gin_search_paths", ["."], "Directories searched for gin files.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("process_count", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_index", None, "Multi-host: index of this process.")
+flags.DEFINE_boolean("multiprocess", False,
+                     "Multi-host with the cluster detected by jax.distributed.initialize().")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+  """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (as t5x does).
+
+  A VALUE that is not a Python literal, a gin reference (@...) or macro (%...) is quoted.
+
+  Example:
+    >>> rewrite_gin_args(["prog", "--gin.MODEL_DIR=/tmp/x", "--gin.TRAIN_STEPS=5"])
+    ['prog', "--gin_bindings=MODEL_DIR = '/tmp/x'", '--gin_bindings=TRAIN_STEPS = 5']
+  """
+  rewritten = []
+  for arg in argv:
+    if arg.startswith("--gin.") and "=" in arg:
+      name, value = arg[len("--gin."):].split("=", 1)
+      rewritten.append(f"--gin_bindings={name} = {_gin_value(value)}")
+    else:
+      rewritten.append(arg)
+  return rewritten
+
+
+def _gin_value(value: str) -> str:
+  if value.startswith(("@", "%")):
+    return value
+  try:
+    ast.literal_eval(value)
+    return value
+  except (ValueError, SyntaxError):
+    return repr(value)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl flag parser accepting t5x's `--gin.NAME=VALUE` shorthand.
+
+  Every call starts from the flags' defaults (absl would otherwise append repeated
+  flags such as --gin_file to those of an earlier parse in the same process).
+  """
+  FLAGS.unparse_flags()
+  return FLAGS(rewrite_gin_args(argv))
+
+
+def initialize_distributed(*, coordinator_address: str | None, process_count: int | None,
+                           process_index: int | None, auto: bool = False) -> None:
+  """`jax.distributed.initialize` from the multi-host flags; a no-op on one host."""
+  if coordinator_address is not None:
+    if process_count is None or process_index is None:
+      raise ValueError("--coordinator_address needs --process_count and --process_index")
+    jax.distributed.initialize(coordinator_address, num_processes=process_count,
+                               process_id=process_index)
+  elif auto:
+    jax.distributed.initialize()
+  else:
+    return
+  logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _absolute(path: str) -> str:
+  if "://" in path:  # gs://, s3://: already global
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def absolutize_paths(parameters: Sequence[str]) -> None:
+  """Rebinds each bound gin parameter (or the macro it names) to an absolute path.
+
+  Args:
+    parameters: Gin parameter names such as 'uncurl_jax.train.train.model_dir'. Unbound
+      ones and values that are not strings (None) are left alone.
+  """
+  for parameter in parameters:
+    try:
+      value = gin.query_parameter(parameter)
+    except ValueError:  # not bound (the default applies) or not a configurable here
+      continue
+    binding = parameter
+    # `%NAME` is a reference to the macro NAME; follow macro chains to the string.
+    while isinstance(value, gin.config.ConfigurableReference):
+      scope = value.scoped_selector.rsplit("/", 1)[0]
+      binding = f"{scope}/macro.value"
+      value = gin.query_parameter(binding)
+    if isinstance(value, str):
+      with gin.unlock_config():
+        gin.bind_parameter(binding, _absolute(value))
+
+
+def parse_gin(*, configurables: Callable[[], Mapping[str, Any]], gin_files: Sequence[str],
+              gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = (".",),
+              path_parameters: Sequence[str] = ()) -> None:
+  """Clears gin, registers the command's configurables, parses files then bindings.
+
+  Args:
+    configurables: Registers (once) and returns the command's configurables.
+    gin_files: Gin files, parsed in order.
+    gin_bindings: Bindings applied after the files.
+    gin_search_paths: Directories searched for the files (and their includes).
+    path_parameters: Gin parameters that hold paths; made absolute after parsing.
+  """
+  gin.clear_config()  # also unlocks the config, so the configurables can be registered
+  configurables()
+  for path in gin_search_paths:
+    gin.add_config_file_search_path(path)
+  gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
+  absolutize_paths(path_parameters)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A gin-configured command: what it registers, what it runs, its defaults.
+
+  Attributes:
+    configurables: Registers (once) and returns {name: configurable} for the gin files.
+    procedure: The name, among the configurables, of what the command calls.
+    default_gin_files: Parsed when no --gin_file is given.
+    search_paths: Searched for gin files after --gin_search_paths.
+    path_parameters: Gin parameters holding paths (made absolute after parsing).
+
+  Example:
+    >>> command = Command(register, "run", path_parameters=["uncurl_jax.train.train.model_dir"])
+    >>> command.run_with_gin(gin_files=["gin/models/tiny.gin", "gin/runs/pretrain.gin"])
+    >>> cli.run(command.main)          # as `python -m ...`
+  """
+
+  configurables: Callable[[], Mapping[str, Any]]
+  procedure: str
+  default_gin_files: Sequence[str] = ()
+  search_paths: Sequence[str] = ()
+  path_parameters: Sequence[str] = ()
+
+  def parse_gin(self, *, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
+                gin_search_paths: Sequence[str] = (".",)) -> None:
+    """Clears gin and parses the files (or the defaults), then the bindings."""
+    parse_gin(configurables=self.configurables,
+              gin_files=list(gin_files) or list(self.default_gin_files),
+              gin_bindings=gin_bindings,
+              gin_search_paths=list(gin_search_paths) + list(self.search_paths),
+              path_parameters=self.path_parameters)
+
+  def run_with_gin(self, *, gin_files: Sequence[str] = (), gin_bindings: Sequence[str] = (),
+                   gin_search_paths: Sequence[str] = (".",)) -> Any:
+    """Parses the gin configuration and calls the procedure (`main` minus the flags)."""
+    self.parse_gin(gin_files=gin_files, gin_bindings=gin_bindings,
+                   gin_search_paths=gin_search_paths)
+    logging.info("Gin configuration:\n%s", gin.config_str())
+    return self.configurables()[self.procedure]()
+
+  def main(self, argv: Sequence[str]) -> Any:
+    """The absl `main`: multi-host set-up from the flags, then `run_with_gin`."""
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    initialize_distributed(coordinator_address=FLAGS.coordinator_address,
+                           process_count=FLAGS.process_count,
+                           process_index=FLAGS.process_index, auto=FLAGS.multiprocess)
+    return self.run_with_gin(gin_files=FLAGS.gin_file, gin_bindings=FLAGS.gin_bindings,
+                             gin_search_paths=FLAGS.gin_search_paths)
+
+
+def run(main: Callable[[Sequence[str]], Any]) -> None:
+  """Runs an absl `main` with this layer's flag parser (the `--gin.NAME=V` shorthand)."""
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,210 @@
+"""`plan_pruning`, `apply_plan`, `prune_params`: task-specific expert pruning of a pytree.
+
+`plan_pruning` reads as its steps: validate the arguments -> task features (selection
+frequencies; similarities on demand) -> the method's grouping of experts -> alignment of
+the members to their references -> merge weights -> the `PrunePlan`. `apply_plan`
+executes a plan on the arrays.
+
+Example:
+  >>> from uncurl_jax import pruning
+  >>> logits = pruning.collect_router_logits(model, params, task_batches, max_tokens=65536)
+  >>> plan = pruning.plan_pruning(params, logits, 8, method="uncurl", router="anchor")
+  >>> small_params = pruning.apply_plan(params, plan)
+  >>> small_model = SMoEDecoder(pruning.pruned_config(config, plan))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+from absl import logging
+
+from uncurl_jax.model import configs
+from uncurl_jax.pruning import alignment as alignment_lib
+from uncurl_jax.pruning import features
+from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.pruning import merge as merge_lib
+from uncurl_jax.pruning import methods as methods_lib
+from uncurl_jax.pruning import validate
+from uncurl_jax.pruning.plan import ExpertAlignment
+from uncurl_jax.pruning.plan import LayerPlan
+from uncurl_jax.pruning.plan import PrunePlan
+
+
+def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
+                 num_experts: int | Mapping[str, int] | None = None, *,
+                 method: str = "uncurl", cluster: str = "spectral", router: str | None = None,
+                 seed: int = 0, top_k: int = 1,
+                 layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT,
+                 pretrained_params: Mapping[str, Any] | None = None,
+                 router_init_std: float = 0.02, num_workers: int | None = None,
+                 timings: dict[str, float] | None = None) -> PrunePlan:
+  """Decides how to prune every MoE layer of `params` for the task behind `logits`.
+
+  Args:
+    params: Parameter pytree (numpy or jax arrays, possibly sharded).
+    logits: {MoE layer path: [tokens, E] raw router logits on the task, padding
+      excluded} (`collect_router_logits`). May be None for methods that do not need
+      them ("random", "router_norm").
+    num_experts: Experts to keep: one int for every layer, a {layer: int} mapping, or
+      None for the paper's default (`default_num_experts`). For "mc_smoe" only the total
+      over layers is used (its allocation varies per layer).
+    method: A registered method (`methods.names()`): "uncurl" (cluster, align, merge:
+      the paper), "frequency" (keep the most selected), "frequency_merge" (most selected
+      anchor, others merge into the most similar), "mc_smoe" (global dominant experts,
+      merge), "router_norm" (keep the largest router-norm change; needs
+      `pretrained_params`) or "random".
+    cluster: "spectral", "kmeans" or "agglomerative" (methods that cluster).
+    router: "reinit", "anchor" or "merge" (see `merge.reindex_router`); None takes the
+      method's default: "reinit" (the paper) for merging methods, "anchor" (slice the
+      router to the kept experts) for the selection methods.
+    seed: Seed of clustering, random pruning and a re-initialized router.
+    top_k: Router choices per token counted in the selection frequencies (the model's
+      top_k counts every routed choice; 1 counts first choices, as the paper).
+    layout: Where MoE layers keep their weights (`layout.T5X_LAYOUT` for t5x).
+    pretrained_params: The pretrained model's params (method "router_norm").
+    router_init_std: Standard deviation of a re-initialized router (the model's init).
+    num_workers: Assignment-solver threads; None: all cores; 0: sequential.
+    timings: If given, receives seconds per stage.
+
+  Returns:
+    The PrunePlan.
+
+  Raises:
+    ValueError: Before any work, for an unknown option, a target outside [1, E], logits
+      missing or extra for a layer, logits not [tokens, E], non-finite logits, no tokens,
+      a layout that does not match the params, or router_norm without pretrained params.
+
+  Example:
+    >>> plan = plan_pruning(params, logits, 8, method="uncurl", seed=0)
+    >>> plan.num_experts
+    {'layers_0/mlp': 8, 'layers_2/mlp': 8}
+  """
+  spec, router = validate.options(method, cluster, router, has_logits=logits is not None,
+                                  has_pretrained=pretrained_params is not None)
+  layers = layout_lib.find_moe_layers(params, layout)
+  host_logits = validate.router_logits(logits, layers)
+  timings = {} if timings is None else timings
+  start = time.perf_counter()
+  inputs = methods_lib.MethodInputs(
+      layers=layers, targets=validate.targets(num_experts, layers), logits=host_logits,
+      frequencies=None if host_logits is None else {
+          name: features.selection_frequencies(h, validate.top_k(top_k, layers))
+          for name, h in host_logits.items()},
+      pretrained_router=validate.pretrained_router(pretrained_params, layers, layout),
+      cluster=cluster, seed=seed)
+  timings["features"] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  groupings = spec.group(inputs)  # similarities are computed here, if the method uses them
+  timings["grouping"] = time.perf_counter() - start
+  alignments = _alignments(layers, groupings, num_workers, timings)
+  layer_plans = {}
+  for name, grouping in groupings.items():
+    freq = None if inputs.frequencies is None else inputs.frequencies[name]
+    weights = (methods_lib.merge_weights(grouping.labels, freq) if spec.merges
+               else np.where(grouping.labels >= 0, 1.0, 0.0))
+    layer_plans[name] = LayerPlan(
+        num_experts=layers[name].num_experts,
+        labels=tuple(int(x) for x in grouping.labels),
+        anchors=tuple(int(x) for x in grouping.anchors),
+        member_weights=tuple(float(x) for x in weights),
+        frequencies=None if freq is None else tuple(float(x) for x in freq),
+        alignments=alignments[name])
+  return PrunePlan(method=method, router=router, layers=layer_plans, seed=seed,
+                   router_init_std=float(router_init_std),
+                   cluster=cluster if method == "uncurl" else None, top_k=top_k, layout=layout)
+
+
+def _alignments(layers, groupings, num_workers, timings) -> dict[str, tuple[ExpertAlignment]]:
+  """Aligns every grouping's members to their references, all layers in one pool."""
+  tasks = [alignment_lib.AlignmentTask(name, reference, member)
+           for name, grouping in groupings.items()
+           for member, reference in sorted(grouping.references.items())]
+  logging.info("plan_pruning: %d experts to align", len(tasks))
+  results = alignment_lib.align_experts(layers, tasks, num_workers=num_workers, timings=timings)
+  aligned = {name: [] for name in layers}
+  for task, result in zip(tasks, results):
+    aligned[task.layer].append(ExpertAlignment(
+        task.member, task.reference, tuple(int(i) for i in result.permutation),
+        result.score_before, result.score_after))
+  return {name: tuple(items) for name, items in aligned.items()}
+
+
+def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
+  """Returns new params with every MoE layer pruned as `plan` says.
+
+  Pure: the inputs are not modified; leaves outside the MoE layers are shared with the
+  input, pruned leaves are new. numpy leaves give numpy results; jax leaves (sharded
+  too) give jax results computed on their devices. A FrozenDict input gives a FrozenDict.
+
+  Example:
+    >>> small = apply_plan(params, plan)
+    >>> small["layers_0"]["mlp"]["expert"]["wi"]["kernel"].shape     # [D, d, f]
+  """
+  if not isinstance(plan, PrunePlan):
+    raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
+  layers = layout_lib.find_moe_layers(params, plan.layout)
+  missing, extra = sorted(set(plan.layers) - set(layers)), sorted(set(layers) - set(plan.layers))
+  if missing or extra:
+    raise ValueError(f"plan and params disagree on MoE layers: plan layers not in params "
+                     f"{missing}, params layers not in plan {extra}")
+  for name, layer_plan in plan.layers.items():
+    if layer_plan.num_experts != layers[name].num_experts:
+      raise ValueError(f"plan for {name!r} expects E={layer_plan.num_experts}, params have "
+                       f"{layers[name].num_experts}")
+  flat = dict(layout_lib.flatten_params(params))
+  for name, layer_plan in plan.layers.items():
+    prefix = layout_lib.split_path(name)
+    for field_name, array in _pruned_layer(layers[name], layer_plan, plan, name).items():
+      flat[prefix + layout_lib.split_path(getattr(plan.layout, field_name))] = array
+  pruned = flax.traverse_util.unflatten_dict(flat)
+  return flax.core.freeze(pruned) if isinstance(params, flax.core.FrozenDict) else pruned
+
+
+def _pruned_layer(weights: layout_lib.MoeLayerWeights, layer_plan: LayerPlan,
+                  plan: PrunePlan, name: str) -> dict[str, Any]:
+  merge = layer_plan.merge_matrix()
+  permutations = layer_plan.permutations(weights.d_ff)
+  new = {"wi_kernel": merge_lib.merge_experts(weights.wi_kernel, merge, permutations, 2),
+         "wo_kernel": merge_lib.merge_experts(weights.wo_kernel, merge, permutations, 1)}
+  if weights.wi_bias is not None:
+    new["wi_bias"] = merge_lib.merge_experts(weights.wi_bias, merge, permutations, 1)
+  if weights.wo_bias is not None:
+    new["wo_bias"] = merge_lib.merge_experts(weights.wo_bias, merge)
+  key = jax.random.fold_in(jax.random.key(plan.seed), methods_lib.layer_seed(name))
+  kernel, bias = merge_lib.reindex_router(
+      weights.router_kernel, weights.router_bias, mode=plan.router, merge=merge,
+      anchors=np.asarray(layer_plan.anchors), key=key, init_std=plan.router_init_std)
+  new["router_kernel"] = kernel
+  if bias is not None:
+    new["router_bias"] = bias
+  return new
+
+
+def prune_params(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
+                 num_experts: int | Mapping[str, int] | None = None, **kwargs: Any) -> Any:
+  """`apply_plan(params, plan_pruning(params, logits, num_experts, **kwargs))`.
+
+  Example:
+    >>> small = prune_params(params, logits, 8, method="uncurl", router="reinit", seed=0)
+  """
+  return apply_plan(params, plan_pruning(params, logits, num_experts, **kwargs))
+
+
+def pruned_config(config: configs.ModelConfig, plan: PrunePlan) -> configs.ModelConfig:
+  """The model config for params pruned by `plan` (`configs.with_expert_counts`).
+
+  A plan that keeps the same D in every layer gives `num_experts=D`; one that keeps
+  different counts (MC-SMoE, per-layer targets) gives `layer_num_experts`.
+
+  Example:
+    >>> pruned_config(configs.get("354m", num_experts=32), plan).num_experts
+    8
+  """
+  return configs.with_expert_counts(config, plan.num_experts)

@@ -1,0 +1,308 @@
+"""Configuration of the study: what to train, prune, finetune and score.
+
+`StudyConfig` is bound by gin in `python -m uncurl_jax.study` (gin/experiments/*.gin);
+`TrainSettings` describes one training procedure (pretraining, pre-finetuning,
+finetuning), `Runtime` how stages run (mesh, checkpoint period), `MethodSpec` and
+`StudyTask` parse the method and task strings of the config. Everything that changes a
+result enters the stage keys of `study.runner`; `Runtime` does not.
+
+Example:
+  >>> config = StudyConfig(
+  ...     name="mini", output_dir="/tmp/study", model=configs.get("tiny", num_experts=8),
+  ...     tasks=["synthetic_lm_geography"],
+  ...     pretrain=TrainSettings(task_feature_lengths={"targets": 128}, steps=300,
+  ...                            batch_size=16, learning_rate=3e-3,
+  ...                            mixture_or_task_name="synthetic_lm"),
+  ...     finetune=TrainSettings(task_feature_lengths={"targets": 128}, steps=80,
+  ...                            batch_size=16, learning_rate=1e-3, router_warmup_steps=10),
+  ...     source_experts=[32], pruned_experts=[8], methods=["uncurl:reinit", "frequency"])
+  >>> config.pairs
+  ((32, 8),)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import jax
+
+from uncurl_jax import pruning
+from uncurl_jax.data import pipeline
+from uncurl_jax.model import configs
+from uncurl_jax.model import partitioning
+from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.train import optim
+from uncurl_jax.train import schedules
+
+PROGRESSIVE_DROPPING = "progressive_dropping"
+DEFAULT_METHODS = ("uncurl:reinit", "uncurl:anchor", "uncurl:merge", "frequency",
+                   "frequency_merge", "mc_smoe", "router_norm", "random", PROGRESSIVE_DROPPING)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+  """One training procedure of the study (pretraining, pre-finetuning or finetuning).
+
+  Everything here changes the trained model, so all of it enters the stage key.
+
+  Attributes:
+    task_feature_lengths: seqio feature lengths, e.g. {"targets": 128} for LM data or
+      {"inputs": 112, "targets": 16} for prompts.
+    steps: Training steps.
+    batch_size: Global batch size.
+    learning_rate: Peak AdamW learning rate (linear warm-up, then linear decay to 0).
+    warmup_steps: Learning-rate warm-up steps.
+    weight_decay: AdamW weight decay (matrices only).
+    mixture_or_task_name: seqio data; None means the study's target task (finetuning).
+    pack: Pack several examples per row.
+    router_warmup_steps: Router-only steps that start the finetuning of a pruned model
+      (the paper's warm-up; other models train fully for all `steps`).
+    router_warmup_learning_rate: Peak learning rate of those steps.
+  """
+
+  task_feature_lengths: Mapping[str, int]
+  steps: int
+  batch_size: int
+  learning_rate: float
+  warmup_steps: int = 0
+  weight_decay: float = 0.1
+  mixture_or_task_name: str | None = None
+  pack: bool = True
+  router_warmup_steps: int = 0
+  router_warmup_learning_rate: float | None = None
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
+    if self.learning_rate <= 0:
+      raise ValueError(f"TrainSettings.learning_rate must be > 0, got {self.learning_rate}")
+    if not 0 <= self.router_warmup_steps < self.steps:
+      raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}), got "
+                       f"{self.router_warmup_steps}")
+    if not 0 <= self.warmup_steps <= self.steps - self.router_warmup_steps:
+      raise ValueError(f"warmup_steps must be in [0, steps - router_warmup_steps = "
+                       f"{self.steps - self.router_warmup_steps}], got {self.warmup_steps}")
+    pipeline.model_length(self.task_feature_lengths)  # validates the lengths
+
+  @property
+  def length(self) -> int:
+    """Decoder sequence length (inputs and targets concatenated)."""
+    return pipeline.model_length(self.task_feature_lengths)
+
+  def make_optimizer(self):
+    """`optim.make_optimizer` with these hyperparameters (the trainer adds the rest)."""
+    return functools.partial(optim.make_optimizer, peak_learning_rate=self.learning_rate,
+                             warmup_steps=self.warmup_steps, weight_decay=self.weight_decay)
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """Settings that change how stages run but not what they compute (not hashed).
+
+  Attributes:
+    expert_parallelism, model_parallelism: Mesh sizes ('data' takes the rest).
+    checkpoint_every_steps: Checkpoint period of training stages (resume granularity).
+    log_every_steps: Progress lines of training stages.
+    max_cached_tokens: Training batches of a (task, procedure) are read once and kept in
+      memory up to this many tokens, streamed beyond.
+  """
+
+  expert_parallelism: int = 1
+  model_parallelism: int = 1
+  checkpoint_every_steps: int = 100
+  log_every_steps: int = 50
+  max_cached_tokens: int = 1 << 26
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      if getattr(self, field.name) < 1:
+        raise ValueError(f"Runtime.{field.name} must be >= 1, got {getattr(self, field.name)}")
+
+  @functools.cached_property
+  def mesh(self) -> jax.sharding.Mesh:
+    return partitioning.make_mesh(expert=self.expert_parallelism, model=self.model_parallelism)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  """One pruning method of the study, written "method" or "method:router".
+
+  Example:
+    >>> MethodSpec.parse("uncurl:merge")
+    MethodSpec(method='uncurl', router='merge')
+  """
+
+  method: str
+  router: str | None = None
+
+  @classmethod
+  def parse(cls, text: str) -> MethodSpec:
+    method, _, router = str(text).partition(":")
+    known = pruning_methods.names() + (PROGRESSIVE_DROPPING,)
+    if method not in known:
+      raise ValueError(f"unknown method {method!r} in {text!r}; expected one of {known}")
+    if router and (router not in pruning.ROUTER_MODES or method == PROGRESSIVE_DROPPING):
+      raise ValueError(f"router option {router!r} in {text!r}: expected one of "
+                       f"{pruning.ROUTER_MODES} after a pruning method")
+    return cls(method, router or None)
+
+  @property
+  def slug(self) -> str:
+    return self.method if self.router is None else f"{self.method}-{self.router}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyTask:
+  """A target task, written "train_task[:eval_task[:metric]]".
+
+  Without an eval task the score is the task's own validation metrics (language
+  modelling: next-token 'accuracy' in %, 'cross_entropy'); with one, the eval task's
+  seqio metrics (e.g. rank classification 'accuracy' of 'super_glue_rte_v102_rank').
+  `metric` (default: `StudyConfig.metric`) picks the table's score among them.
+
+  Example:
+    >>> StudyTask.parse("super_glue_record_v102:super_glue_record_v102_rank:exact_match")
+    StudyTask(name='super_glue_record_v102', eval_task='super_glue_record_v102_rank',
+              metric='exact_match')
+  """
+
+  name: str
+  eval_task: str | None = None
+  metric: str | None = None
+
+  @classmethod
+  def parse(cls, text: str) -> StudyTask:
+    parts = str(text).split(":")
+    if not parts[0] or len(parts) > 3:
+      raise ValueError(f"task spec {text!r}: expected 'task', 'task:eval_task' or "
+                       "'task:eval_task:metric'")
+    parts += [""] * (3 - len(parts))
+    return cls(parts[0], parts[1] or None, parts[2] or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """Everything the study does (bound by gin in `python -m uncurl_jax.study`).
+
+  Attributes:
+    name: Study name (the report's title).
+    output_dir: Where results.csv, results.md and the plots go.
+    model: The model; `num_experts` is replaced per model (E, D, 0).
+    tasks: Target tasks ("task" or "task:eval_task", see `StudyTask`).
+    pretrain: Pretraining (its `mixture_or_task_name` is required).
+    finetune: Task finetuning (data: the task); its `router_warmup_*` fields apply to
+      pruned models.
+    prefinetune: Optional pre-finetuning of every pretrained model, or None.
+    source_experts: The E of each model that is pruned.
+    pruned_experts: The D of the pruned models; every source is pruned to every smaller D
+      (sources [32, 64, 128] and D [8, 32, 64] give the paper's six pairs).
+    methods: "method" or "method:router" (`MethodSpec`); methods of `pruning.METHODS`
+      plus "progressive_dropping".
+    dense_reference: Also train and finetune a dense model.
+    finetune_steps: Per-task finetuning steps ({task name: steps}, e.g. 50 epochs),
+      overriding `finetune.steps`; its learning-rate warm-up is capped to fit.
+    dropping: Progressive dropping schedule; its `target_experts` is set to each D.
+    seed: Seed of initialization, data order, clustering and re-initialized routers.
+    stages_dir: Stage cache root (None: `output_dir/stages`); studies that share it share
+      the stages they have in common.
+    metric: Score of the table; `lower_is_better` flips the +/- marks.
+    eval_num_examples: seqio `num_examples` of eval tasks (rows; rank tasks have one per
+      option); None: the whole split.
+    eval_batches: Validation batches of tasks scored by their LM metrics.
+    eval_batch_size: Rows per scoring forward pass.
+    logits_max_tokens: Task tokens whose router logits drive pruning.
+    usage_max_tokens: Task tokens of the expert-usage histograms.
+    runtime: Mesh, checkpoint period and logging (not part of any stage key).
+  """
+
+  name: str
+  output_dir: str
+  model: configs.ModelConfig
+  tasks: Sequence[str]
+  pretrain: TrainSettings
+  finetune: TrainSettings
+  prefinetune: TrainSettings | None = None
+  source_experts: Sequence[int] = (32,)
+  pruned_experts: Sequence[int] = (8,)
+  methods: Sequence[str] = DEFAULT_METHODS
+  dense_reference: bool = True
+  finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  dropping: schedules.ProgressiveDropping | None = None
+  seed: int = 0
+  stages_dir: str | None = None
+  metric: str = "accuracy"
+  lower_is_better: bool = False
+  eval_num_examples: int | None = None
+  eval_batches: int | None = 8
+  eval_batch_size: int = 32
+  logits_max_tokens: int = 16384
+  usage_max_tokens: int = 4096
+  runtime: Runtime = Runtime()
+
+  def __post_init__(self):
+    object.__setattr__(self, "tasks", tuple(StudyTask.parse(t) for t in self.tasks))
+    object.__setattr__(self, "methods", tuple(MethodSpec.parse(m) for m in self.methods))
+    object.__setattr__(self, "source_experts", tuple(self.source_experts))
+    object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
+    object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
+    if not self.tasks:
+      raise ValueError("StudyConfig.tasks is empty; give at least one target task")
+    if not self.methods:
+      raise ValueError("StudyConfig.methods is empty; give at least one pruning method")
+    for name in ("source_experts", "pruned_experts"):
+      counts = getattr(self, name)
+      if not counts or min(counts) < 1:
+        raise ValueError(f"StudyConfig.{name} must be a non-empty list of expert counts "
+                         f">= 1, got {list(counts)}")
+    unused = [d for d in self.pruned_experts if d >= max(self.source_experts)]
+    if unused:
+      raise ValueError(f"pruned_experts {unused} are not below any source_experts "
+                       f"{list(self.source_experts)}")
+    unknown = sorted(set(self.finetune_steps) - {t.name for t in self.tasks})
+    if unknown:
+      raise ValueError(f"finetune_steps names tasks {unknown} that are not in tasks")
+    for task in self.tasks:
+      self.finetune_settings(task)  # validates per-task steps
+    if self.pretrain.mixture_or_task_name is None:
+      raise ValueError("StudyConfig.pretrain needs a mixture_or_task_name (the LM data)")
+    if self.finetune.mixture_or_task_name is not None:
+      raise ValueError("StudyConfig.finetune trains on each target task: leave its "
+                       f"mixture_or_task_name None, got {self.finetune.mixture_or_task_name!r}")
+    lengths = [self.pretrain.length, self.finetune.length]
+    if max(lengths) > self.model.max_length:
+      raise ValueError(f"sequence lengths {lengths} exceed model.max_length="
+                       f"{self.model.max_length}")
+    if any(m.method == PROGRESSIVE_DROPPING for m in self.methods):
+      self._check_dropping()
+
+  def _check_dropping(self):
+    if self.dropping is None:
+      raise ValueError("method 'progressive_dropping' needs StudyConfig.dropping")
+    steps = min(self.finetune_settings(task).steps for task in self.tasks)
+    for source, size in self.pairs:
+      schedule = dataclasses.replace(self.dropping, target_experts=size).schedule(
+          num_experts=source)
+      if schedule[-1][0] >= steps:
+        raise ValueError(f"progressive dropping {source} -> {size} experts ends at step "
+                         f"{schedule[-1][0]}, not before the finetuning's {steps} steps; "
+                         "shorten the dropping schedule")
+
+  @property
+  def pairs(self) -> tuple[tuple[int, int], ...]:
+    """(E, D) for every source and every smaller pruned size."""
+    return tuple((e, d) for e in self.source_experts for d in self.pruned_experts if d < e)
+
+  def finetune_settings(self, task: StudyTask) -> TrainSettings:
+    """`finetune` with the task's own steps (`finetune_steps`), warm-up capped to fit."""
+    steps = self.finetune_steps.get(task.name)
+    if steps is None:
+      return self.finetune
+    room = max(0, steps - self.finetune.router_warmup_steps)
+    return dataclasses.replace(self.finetune, steps=steps,
+                               warmup_steps=min(self.finetune.warmup_steps, room))
+
+  def task_metric(self, task: StudyTask) -> str:
+    return task.metric or self.metric

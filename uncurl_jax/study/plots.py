@@ -1,0 +1,196 @@
+"""The study's plots: scores, score against pruning factor, similarity, expert usage.
+
+matplotlib's object-oriented API with the Agg canvas (no display needed, no global
+backend switch). Every plot takes the report's `ResultRow`s or plain arrays.
+
+Example:
+  >>> plot_scores(rows, "outputs/synthetic/scores.png")
+  >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+
+from uncurl_jax.study.report import ResultRow
+from uncurl_jax.study.report import ordered_models
+from uncurl_jax.study.report import reference_scores
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+  FigureCanvasAgg(figure)
+  figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def _task_axes(figure: Figure, count: int):
+  return [figure.add_subplot(1, count, i + 1) for i in range(count)]
+
+
+def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+  """Horizontal bars: the score of every model per task; dashed lines mark the
+  same-size model from scratch of each pruned size.
+
+  Example:
+    >>> plot_scores(rows, "outputs/synthetic/scores.png")
+  """
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  models = ordered_models(rows)
+  figure = Figure(figsize=(4.5 * len(tasks), 0.35 * len(models) + 1.5))
+  colors = {"dense": "0.6", "scratch": "tab:gray", "pruned": "tab:blue"}
+  references = reference_scores(rows)
+  for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
+    task_rows = {row.model: row for row in rows if row.task == task}
+    shown = [m for m in models if m in task_rows]
+    positions = np.arange(len(shown))[::-1]
+    axis.barh(positions, [task_rows[m].score for m in shown],
+              color=[colors[task_rows[m].kind] for m in shown])
+    axis.set_yticks(positions, shown, fontsize=8)
+    sizes = sorted({r.num_experts for r in task_rows.values() if r.kind == "pruned"})
+    for size in sizes:
+      if (task, size) in references:
+        axis.axvline(references[(task, size)], color="k", linestyle="--", linewidth=0.8,
+                     label="same size from scratch" if size == sizes[0] else None)
+    if any((task, size) in references for size in sizes):
+      axis.legend(fontsize=7, loc="lower right")
+    scores = [task_rows[m].score for m in shown]
+    low = min(scores)
+    axis.set_xlim(max(0.0, low - 0.1 * (max(scores) - low + 1.0)), max(scores) * 1.02 + 0.5)
+    axis.set_title(task)
+    axis.set_xlabel(rows[0].metric)
+  _save(figure, path)
+
+
+def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+  """Score against the pruning factor E/D per method; the same-size models from
+  scratch as a dashed black line (where merging stops paying, the lines cross).
+
+  Example:
+    >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
+  """
+  tasks = list(dict.fromkeys(row.task for row in rows))
+  figure = Figure(figsize=(5.0 * len(tasks), 3.8))
+  for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
+    pruned = [r for r in rows if r.task == task and r.kind == "pruned"]
+    sources = sorted({r.source_experts for r in pruned})
+    for source in sources:
+      from_source = [r for r in pruned if r.source_experts == source]
+      for label in dict.fromkeys(r.model.split(" ", 1)[1] for r in from_source):
+        points = sorted((r.pruning_factor, r.score) for r in from_source
+                        if r.model.split(" ", 1)[1] == label)
+        prefix = f"E={source} " if len(sources) > 1 else ""
+        axis.plot(*zip(*points), marker="o", label=prefix + label)
+      scratch = sorted((source / r.num_experts, r.score) for r in rows
+                       if r.task == task and r.kind == "scratch" and r.num_experts
+                       and r.num_experts < source and source % r.num_experts == 0)
+      if scratch:
+        axis.plot(*zip(*scratch), "k--", marker="s", label=f"from scratch, {source} / x experts")
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("pruning factor E / D")
+    axis.set_ylabel(rows[0].metric)
+    axis.set_title(task)
+    axis.legend(fontsize=7)
+  _save(figure, path)
+
+
+def cluster_order(labels: Sequence[int]) -> np.ndarray:
+  """Expert indices sorted by cluster (dropped experts, label -1, last).
+
+  Example:
+    >>> cluster_order([1, 0, 1, -1, 0]).tolist()
+    [1, 4, 0, 2, 3]
+  """
+  labels = np.asarray(labels)
+  keys = np.where(labels < 0, labels.max() + 1, labels)
+  return np.argsort(keys, kind="stable")
+
+
+def plot_similarity(layers: Mapping[str, tuple[np.ndarray, Sequence[int], Sequence[int]]],
+                    path: str | os.PathLike, *, title: str = "") -> None:
+  """Per-layer heatmaps of the experts' router-logit similarity, clusters boxed.
+
+  Args:
+    layers: {layer name: (similarity [E, E], cluster labels [E], anchors [D])}; experts
+      are reordered by cluster, each cluster is framed and anchors are starred.
+    path: PNG path.
+    title: Figure title.
+
+  Example:
+    >>> plot_similarity({"layers_0/mlp": (s, plan.layers["layers_0/mlp"].labels,
+    ...                                   plan.layers["layers_0/mlp"].anchors)}, "sim.png")
+  """
+  if not layers:
+    raise ValueError("plot_similarity needs at least one layer")
+  figure = Figure(figsize=(4.6 * len(layers), 4.4))
+  for axis, (name, (similarity, labels, anchors)) in zip(_task_axes(figure, len(layers)),
+                                                         layers.items()):
+    order = cluster_order(labels)
+    image = axis.imshow(np.asarray(similarity)[np.ix_(order, order)], cmap="viridis",
+                        vmin=0.0, vmax=1.0)
+    sorted_labels = np.asarray(labels)[order]
+    start = 0
+    for end in range(1, len(order) + 1):
+      if end == len(order) or sorted_labels[end] != sorted_labels[start]:
+        if sorted_labels[start] >= 0:
+          axis.add_patch(Rectangle((start - 0.5, start - 0.5), end - start, end - start,
+                                   fill=False, edgecolor="red", linewidth=1.2))
+        start = end
+    anchor_set = set(int(a) for a in anchors)
+    tick_labels = [f"{e}*" if e in anchor_set else str(e) for e in order]
+    axis.set_xticks(range(len(order)), tick_labels, fontsize=5, rotation=90)
+    axis.set_yticks(range(len(order)), tick_labels, fontsize=5)
+    axis.set_title(f"{name}: {len(anchor_set)} clusters", fontsize=9)
+    figure.colorbar(image, ax=axis, fraction=0.046)
+  if title:
+    figure.suptitle(title, fontsize=10)
+  _save(figure, path)
+
+
+def plot_expert_usage(before: Mapping[str, np.ndarray],
+                      after: Mapping[str, Mapping[str, np.ndarray]],
+                      path: str | os.PathLike, *,
+                      labels: Mapping[str, Sequence[int]] | None = None) -> None:
+  """Expert-usage histograms on the task: the source model, then each pruned model.
+
+  Args:
+    before: {layer: [E] selection frequencies of the source model}.
+    after: {model label: {layer: [D] selection frequencies after pruning and finetuning}}.
+    path: PNG path.
+    labels: {layer: [E] cluster labels} of one plan: source bars are coloured by the
+      new expert they go to (the colour of that expert's bar below), dropped ones grey.
+
+  Example:
+    >>> plot_expert_usage(freq_source, {"uncurl (reinit)": freq_uncurl}, "usage.png",
+    ...                   labels={k: plan.layers[k].labels for k in plan.layers})
+  """
+  if not before:
+    raise ValueError("plot_expert_usage needs the source model's frequencies")
+  layer_names = list(before)
+  rows = 1 + len(after)
+  figure = Figure(figsize=(4.8 * len(layer_names), 2.2 * rows))
+  palette = [f"C{i % 10}" for i in range(64)]
+  for column, layer in enumerate(layer_names):
+    axis = figure.add_subplot(rows, len(layer_names), column + 1)
+    frequencies = np.asarray(before[layer])
+    colors = "tab:blue"
+    if labels is not None and layer in labels:
+      colors = [palette[c] if c >= 0 else "0.75" for c in labels[layer]]
+    axis.bar(np.arange(len(frequencies)), frequencies, color=colors)
+    axis.set_title(f"{layer}: source ({len(frequencies)} experts)", fontsize=8)
+    axis.set_ylabel("share of tokens", fontsize=7)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for row, (model, usage) in enumerate(after.items(), start=1):
+      axis = figure.add_subplot(rows, len(layer_names), row * len(layer_names) + column + 1)
+      frequencies = np.asarray(usage[layer])
+      axis.bar(np.arange(len(frequencies)), frequencies, color=palette[:len(frequencies)])
+      axis.set_title(f"{layer}: {model} ({len(frequencies)} experts)", fontsize=8)
+      axis.set_ylabel("share of tokens", fontsize=7)
+      axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+  figure.tight_layout()
+  _save(figure, path)

@@ -1,0 +1,149 @@
+"""In-process training of the study's stages, sharing compiled steps and data across them.
+
+`train.run.train` builds a seqio pipeline and compiles a train step on every call; the
+study runs a dozen finetunings per task, most of them of same-size models on the same
+data, so it would rebuild the same pipeline (about 10 s of TensorFlow tracing on a small
+CPU) and retrace the same step every time. `StageTrainer` keeps one `Trainer` per (model,
+procedure), whose compiled variants every stage of that kind reuses, and the batches of
+each (task, procedure), read once, around the one training loop (`train.loop`): the same
+initialization and dropout keys and the same batch order as `train.run.train`, so a stage
+trains exactly the model `train.run.train` would (tests/study/test_study.py checks this).
+Training state is checkpointed with orbax in the stage directory, so an interrupted stage
+resumes.
+
+Example:
+  >>> trainer = StageTrainer(mesh=mesh, seed=0, checkpoint_every_steps=100)
+  >>> params, summary = trainer.train("/tmp/stage", config=cfg, settings=settings,
+  ...                                 task="synthetic_lm", init_params=None)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Any, Callable, Iterator
+
+import jax
+
+from uncurl_jax import pruning
+from uncurl_jax.data import pipeline
+from uncurl_jax.model import configs
+from uncurl_jax.study import cache as cache_lib
+from uncurl_jax.train import checkpoints
+from uncurl_jax.train import loop
+from uncurl_jax.train import metrics as metrics_lib
+from uncurl_jax.train import schedules
+from uncurl_jax.train import trainer as trainer_lib
+
+# Training batches of a (task, procedure) are kept in memory up to this many tokens and
+# streamed from seqio beyond (pretraining at scale).
+MAX_CACHED_TOKENS = 1 << 26
+
+
+class StageTrainer:
+  """Trains study stages with shared `Trainer`s and cached batches (module docstring).
+
+  Args:
+    mesh: The device mesh.
+    seed: Initialization, dropout and data-order seed of every stage.
+    checkpoint_every_steps: Checkpoint period (and at the end).
+    log_every_steps: Progress-line period (and at the end).
+    max_cached_tokens: Keep a procedure's batches in memory up to this many tokens.
+  """
+
+  def __init__(self, *, mesh: jax.sharding.Mesh, seed: int, checkpoint_every_steps: int,
+               log_every_steps: int = 50, max_cached_tokens: int = MAX_CACHED_TOKENS):
+    for name, value in (("checkpoint_every_steps", checkpoint_every_steps),
+                        ("log_every_steps", log_every_steps)):
+      if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    self.mesh, self.seed = mesh, seed
+    self._checkpoint_every, self._log_every = checkpoint_every_steps, log_every_steps
+    self._max_cached_tokens = max_cached_tokens
+    self._trainers: dict[str, trainer_lib.Trainer] = {}
+    self._batches: dict[str, list] = {}
+
+  def _trainer(self, config: configs.ModelConfig, settings, *, router_warmup: bool,
+               dropping: schedules.ProgressiveDropping | None) -> trainer_lib.Trainer:
+    warmup = settings.router_warmup_steps if router_warmup else 0
+    key = cache_lib.config_key({"config": config, "settings": settings, "warmup": warmup,
+                                "dropping": dropping})
+    if key not in self._trainers:
+      self._trainers[key] = trainer_lib.Trainer(
+          config=config, mesh=self.mesh, batch_shape=(settings.batch_size, settings.length),
+          phases=schedules.training_phases(train_steps=settings.steps,
+                                           router_warmup_steps=warmup),
+          make_optimizer=settings.make_optimizer(),
+          router_warmup_learning_rate=settings.router_warmup_learning_rate,
+          dropping=dropping)
+    return self._trainers[key]
+
+  def _data_args(self, task: str, settings) -> dict[str, Any]:
+    return dict(mixture_or_task_name=task,
+                task_feature_lengths=dict(settings.task_feature_lengths))
+
+  def _train_batches(self, task: str, settings, start_step: int) -> Iterator[dict]:
+    """The batches of steps start_step, start_step + 1, ... (the order `train.train` uses)."""
+    args = dict(self._data_args(task, settings), global_batch_size=settings.batch_size,
+                seed=self.seed, pack=settings.pack)
+    tokens = settings.steps * settings.batch_size * settings.length
+    if tokens > self._max_cached_tokens:
+      return pipeline.train_dataset(**args, start_step=start_step).as_numpy_iterator()
+    key = cache_lib.config_key({**args, "steps": settings.steps})
+    if key not in self._batches:
+      stream = pipeline.train_dataset(**args).as_numpy_iterator()
+      self._batches[key] = list(itertools.islice(stream, settings.steps))
+    return iter(self._batches[key][start_step:])
+
+  def _probe(self, task: str, settings, dropping) -> Callable[[], list] | None:
+    if dropping is None:
+      return None
+    args = dict(self._data_args(task, settings), batch_size=settings.batch_size,
+                split="train", pack=settings.pack, max_batches=dropping.probe_batches)
+    key = cache_lib.config_key({**args, "probe": True})
+    if key not in self._batches:
+      self._batches[key] = list(pipeline.eval_batches(**args))
+    return lambda: self._batches[key]
+
+  def train(self, directory: str, *, config: configs.ModelConfig, settings, task: str,
+            init_params: Any, router_warmup: bool = False,
+            dropping: schedules.ProgressiveDropping | None = None) -> tuple[Any, dict]:
+    """Trains into `directory`, resuming from its newest checkpoint if there is one.
+
+    Args:
+      directory: Stage directory; checkpoints go to `directory/checkpoints`.
+      config: The model (its expert counts are taken from `init_params` if given).
+      settings: A `study.config.TrainSettings`.
+      task: seqio task or mixture trained on.
+      init_params: Starting params, or None for a random initialization.
+      router_warmup: Begin with `settings.router_warmup_steps` router-only steps.
+      dropping: Progressive expert dropping, or None.
+
+    Returns:
+      (final params, JSON summary: final expert count, steps, first step trained by this
+      call, last logged loss).
+    """
+    if init_params is not None:  # a pruned model has fewer experts than `config` may say
+      config = trainer_lib.config_for_params(config, init_params, adapt=True)
+    run = self._trainer(config, settings, router_warmup=router_warmup, dropping=dropping)
+    manager = checkpoints.make_manager(os.path.join(directory, "checkpoints"), keep=1)
+    rng = jax.random.key(self.seed)
+    try:
+      # A resumed stage restarts from its checkpoint, whatever init_params are.
+      state = run.initial_state(manager, rng=jax.random.fold_in(rng, 0), init_params=init_params)
+      start = int(state.step)
+      progress = metrics_lib.ProgressMeter(total_steps=settings.steps, start_step=start)
+      state, history = loop.train_loop(
+          run, state, self._train_batches(task, settings, start), manager=manager,
+          total_steps=settings.steps, dropout_rng=jax.random.fold_in(rng, 1),
+          checkpoint_every=self._checkpoint_every, log_every=self._log_every,
+          probe=self._probe(task, settings, dropping),
+          on_log=lambda step, variant, scalars: progress.update(
+              step=step, metrics={"loss": scalars["loss"], "experts": scalars["num_experts"]}))
+    finally:
+      manager.wait_until_finished()
+      manager.close()
+    final_loss = history[-1][1]["loss"] if history else None
+    return state.params, {"experts_per_layer": pruning.expert_counts(state.params),
+                          "steps": int(state.step), "first_step": start + 1,
+                          "final_loss": final_loss}
