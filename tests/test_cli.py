@@ -6,8 +6,9 @@ user runs them from a fresh clone (orbax refuses relative checkpoint paths).
 
 import os
 import pathlib
+import subprocess
+import sys
 
-from absl import app
 import gin
 import pytest
 
@@ -73,17 +74,107 @@ def test_path_parameters_and_their_macros_become_absolute(tmp_path, monkeypatch)
     gin.clear_config()
 
 
-def test_train_command_runs_with_a_relative_model_dir(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  argv = ["train", f"--gin_search_paths={REPO}", "--gin_file=gin/models/tiny.gin",
-          "--gin_file=gin/runs/pretrain.gin", "--gin_file=gin/runs/synthetic_pretrain.gin",
-          "--gin.MODEL_DIR=runs/tiny", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
-          "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.CHECKPOINT_EVERY=1",
-          "--gin.optim.make_optimizer.warmup_steps=1",
-          "--gin.uncurl_jax.train.train.eval_split=None"]
-  result = train_main.main(cli.parse_flags(argv))
+TRAIN_ARGS = ["train", f"--gin_search_paths={REPO}", "--gin_file=gin/models/tiny.gin",
+              "--gin_file=gin/runs/pretrain.gin", "--gin_file=gin/runs/synthetic_pretrain.gin",
+              "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
+              "--gin.TASK_FEATURE_LENGTHS={'targets': 32}", "--gin.CHECKPOINT_EVERY=1",
+              "--gin.optim.make_optimizer.warmup_steps=1",
+              "--gin.uncurl_jax.train.train.eval_split=None"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """The train command run from a fresh directory with a relative MODEL_DIR."""
+  workdir = tmp_path_factory.mktemp("cli")
+  cwd = os.getcwd()
+  os.chdir(workdir)
+  try:
+    result = train_main.main(cli.parse_flags(TRAIN_ARGS + ["--gin.MODEL_DIR=runs/tiny"]))
+  finally:
+    os.chdir(cwd)
+  return workdir, result
+
+
+def test_train_command_runs_with_a_relative_model_dir(trained):
+  workdir, result = trained
   assert int(result.state.step) == 2
-  assert checkpoints.resolve_step(tmp_path / "runs" / "tiny" / "checkpoints") == 2
+  assert checkpoints.resolve_step(workdir / "runs" / "tiny" / "checkpoints") == 2
+
+
+def _exit_message(capsys, argv, command=train_main):
+  with pytest.raises(SystemExit) as exit_info:
+    command.main(cli.parse_flags(argv))
+  err = capsys.readouterr().err
+  assert exit_info.value.code == 2 and "Traceback" not in err
+  return err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--gin_fil=x.gin"], "Unknown command line flag 'gin_fil'"),
+    (["--gin_bindings=TRAIN_STEPS = "], "SyntaxError"),
+    (["--gin.optim.make_optimiser.warmup_steps=1"], "No configurable matching"),
+    (["--gin.TRAIN_STEPZ=3"], "the macro TRAIN_STEPZ is bound on the command line but no gin "
+                              "file uses it; did you mean ['TRAIN_STEPS'"),
+    (["--gin.MIXTURE_OR_TASK_NAME=synthetic_lmm"],
+     "MIXTURE_OR_TASK_NAME='synthetic_lmm' is not a registered seqio task or mixture"),
+    (["--gin.BATCH_SIZE=0"], "BATCH_SIZE must be in [1, inf], got 0"),
+    (["--gin.TRAIN_STEPS=-1"], "TRAIN_STEPS must be in [1, inf], got -1"),
+    (["--gin_file=gin/runs/nope.gin"], "Unable to open file"),
+    (["--gin.uncurl_jax.train.train.init_checkpoint='/nonexistent'"],
+     "INITIAL_CHECKPOINT_PATH='/nonexistent' is not a directory holding checkpoints"),
+])
+def test_bad_train_command_lines_exit_2_with_one_message(tmp_path, capsys, extra, message):
+  argv = TRAIN_ARGS + [f"--gin.MODEL_DIR={tmp_path / 'run'}"] + extra
+  assert message in _exit_message(capsys, argv)
+
+
+def test_model_dir_that_is_a_file_is_refused(tmp_path, capsys):
+  (tmp_path / "file").write_text("")
+  err = _exit_message(capsys, TRAIN_ARGS + [f"--gin.MODEL_DIR={tmp_path / 'file'}"])
+  assert "is a file, expected a directory" in err
+
+
+def test_resuming_another_models_checkpoint_is_refused(trained, capsys):
+  model_dir = trained[0] / "runs" / "tiny"
+  err = _exit_message(capsys, TRAIN_ARGS + [f"--gin.MODEL_DIR={model_dir}",
+                                            "--gin.TRAIN_STEPS=3", "--gin.NUM_EXPERTS=4"])
+  assert "has (8,) experts per MoE layer, this run expects 4" in err
+  err = _exit_message(capsys, TRAIN_ARGS + [f"--gin.MODEL_DIR={model_dir}",
+                                            "--gin.TRAIN_STEPS=3",
+                                            "--gin.configs.get.d_model=32"])
+  assert "is of another model: d_model 64 (config: 32)" in err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+  argv = TRAIN_ARGS + [f"--gin.MODEL_DIR={tmp_path}", "--gin.BATCH_SIZE=0", "--debug"]
+  with pytest.raises(ValueError, match="BATCH_SIZE"):
+    train_main.main(cli.parse_flags(argv))
+
+
+def test_the_process_exits_2_without_a_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "uncurl_jax.train"] + TRAIN_ARGS[1:] +
+      [f"--gin.MODEL_DIR={tmp_path}", "--gin.TRAIN_STEPZ=3"],
+      capture_output=True, text=True, cwd=tmp_path, timeout=300)
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert "TRAIN_STEPZ" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("StudyConfig.tasks = ['synthetic_lm_nope']", "a study task='synthetic_lm_nope' is not a "
+                                                  "registered seqio task"),
+    ("StudyConfig.methods = ['uncurl', 'magic']", "unknown method 'magic'"),
+    ("StudyConfig.eval_batch_size = 0", "StudyConfig.eval_batch_size must be in [1, inf]"),
+])
+def test_bad_study_configs_are_refused_before_any_stage(tmp_path, monkeypatch, capsys,
+                                                         binding, message):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "mini.gin").write_text(MINI_STUDY)
+  err = _exit_message(capsys, ["study", "--gin_file=mini.gin", f"--gin_bindings={binding}"],
+                      command=study_main)
+  assert message in err
+  assert not (tmp_path / "out").exists()
 
 
 def test_study_command_runs_with_relative_output_dirs(tmp_path, monkeypatch):
@@ -96,6 +187,8 @@ def test_study_command_runs_with_relative_output_dirs(tmp_path, monkeypatch):
   assert any(name.startswith("pretrain-e4-") for name in stage_dirs)
 
 
-def test_unexpected_positional_arguments_are_refused():
-  with pytest.raises(app.UsageError, match="unexpected arguments"):
+def test_unexpected_positional_arguments_are_refused(capsys):
+  with pytest.raises(SystemExit) as exit_info:
     train_main.main(["train", "surplus"])
+  assert exit_info.value.code == 2
+  assert "unexpected arguments: ['surplus']" in capsys.readouterr().err

@@ -142,7 +142,8 @@ def test_overlays_apply_on_their_base_run_file(overlay):
 
 
 def test_missing_required_macro_is_reported_by_name(tmp_path):
-  with pytest.raises(Exception, match="MODEL_DIR"):
+  with pytest.raises(ValueError, match=r"MODEL_DIR/macro.value set to `%gin.REQUIRED` but not "
+                                       r"subsequently overridden"):
     train_main.run_with_gin(gin_files=[str(GIN / "models/tiny.gin"), str(GIN / "runs/pretrain.gin")])
   assert not any(tmp_path.iterdir())
 

@@ -29,7 +29,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import os
+import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,6 +51,11 @@ flags.DEFINE_integer("process_count", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_index", None, "Multi-host: index of this process.")
 flags.DEFINE_boolean("multiprocess", False,
                      "Multi-host with the cluster detected by jax.distributed.initialize().")
+flags.DEFINE_boolean("debug", False, "Show the full traceback of an error (else one message).")
+
+# What a user's mistake raises: a short message and exit code 2 (`--debug`: traceback).
+USER_ERRORS = (ValueError, TypeError, SyntaxError, OSError, KeyError, app.UsageError)
+USAGE_EXIT_CODE = 2
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -83,10 +91,26 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl flag parser accepting t5x's `--gin.NAME=VALUE` shorthand.
 
   Every call starts from the flags' defaults (absl would otherwise append repeated
-  flags such as --gin_file to those of an earlier parse in the same process).
+  flags such as --gin_file to those of an earlier parse in the same process). An unknown
+  or malformed flag exits with a one-line message and code 2.
   """
   FLAGS.unparse_flags()
-  return FLAGS(rewrite_gin_args(argv))
+  try:
+    return FLAGS(rewrite_gin_args(argv))
+  except flags.Error as error:
+    _exit_with_message(argv[0] if argv else "uncurl_jax", f"{error}; see --helpfull")
+
+
+def _exit_with_message(program: str, message: str) -> None:
+  print(f"{os.path.basename(program)}: error: {message}", file=sys.stderr)
+  sys.exit(USAGE_EXIT_CODE)
+
+
+def short_message(error: BaseException, max_lines: int = 4) -> str:
+  """The first lines of an error's message (gin appends the configurables it passed)."""
+  lines = [line for line in str(error).splitlines() if line.strip()]
+  text = "\n  ".join(lines[:max_lines]) or type(error).__name__
+  return f"{type(error).__name__}: {text}"
 
 
 def initialize_distributed(*, coordinator_address: str | None, process_count: int | None,
@@ -134,6 +158,41 @@ def absolutize_paths(parameters: Sequence[str]) -> None:
         gin.bind_parameter(binding, _absolute(value))
 
 
+def _referenced_macros(value: Any, found: set[str]) -> set[str]:
+  """Adds the names of the macros `value` refers to (`%NAME`, also inside containers)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    scope, _, selector = value.scoped_selector.rpartition("/")
+    if selector.endswith("macro"):
+      found.add(scope)
+  elif isinstance(value, dict):
+    for item in value.values():
+      _referenced_macros(item, found)
+  elif isinstance(value, (list, tuple)):
+    for item in value:
+      _referenced_macros(item, found)
+  return found
+
+
+def check_bound_macros(gin_bindings: Sequence[str]) -> None:
+  """Refuses a macro bound on the command line that no gin file refers to (a typo).
+
+  Example: `--gin.TRAIN_STEPZ=3` when the files use %TRAIN_STEPS raises a ValueError
+  that suggests TRAIN_STEPS.
+  """
+  config = gin.config._CONFIG  # pylint: disable=protected-access
+  referenced: set[str] = set()
+  for bindings in config.values():
+    _referenced_macros(bindings, referenced)
+  for binding in gin_bindings:
+    match = re.match(r"\s*([A-Za-z_]\w*)\s*=", binding)
+    if match and match.group(1) not in referenced:
+      name = match.group(1)
+      close = difflib.get_close_matches(name, sorted(referenced), n=3)
+      hint = f"; did you mean {close}?" if close else ""
+      raise ValueError(f"the macro {name} is bound on the command line but no gin file "
+                       f"uses it{hint}")
+
+
 def parse_gin(*, configurables: Callable[[], Mapping[str, Any]], gin_files: Sequence[str],
               gin_bindings: Sequence[str] = (), gin_search_paths: Sequence[str] = (".",),
               path_parameters: Sequence[str] = ()) -> None:
@@ -151,6 +210,7 @@ def parse_gin(*, configurables: Callable[[], Mapping[str, Any]], gin_files: Sequ
   for path in gin_search_paths:
     gin.add_config_file_search_path(path)
   gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings))
+  check_bound_macros(gin_bindings)
   absolutize_paths(path_parameters)
 
 
@@ -195,14 +255,24 @@ class Command:
     return self.configurables()[self.procedure]()
 
   def main(self, argv: Sequence[str]) -> Any:
-    """The absl `main`: multi-host set-up from the flags, then `run_with_gin`."""
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    initialize_distributed(coordinator_address=FLAGS.coordinator_address,
-                           process_count=FLAGS.process_count,
-                           process_index=FLAGS.process_index, auto=FLAGS.multiprocess)
-    return self.run_with_gin(gin_files=FLAGS.gin_file, gin_bindings=FLAGS.gin_bindings,
-                             gin_search_paths=FLAGS.gin_search_paths)
+    """The absl `main`: multi-host set-up from the flags, then `run_with_gin`.
+
+    A user error (`USER_ERRORS`: a bad value, an unknown configurable or macro, a gin
+    syntax error, a missing file, an incompatible checkpoint) ends the process with a
+    short message and exit code 2; `--debug` raises it with its traceback instead.
+    """
+    try:
+      if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+      initialize_distributed(coordinator_address=FLAGS.coordinator_address,
+                             process_count=FLAGS.process_count,
+                             process_index=FLAGS.process_index, auto=FLAGS.multiprocess)
+      return self.run_with_gin(gin_files=FLAGS.gin_file, gin_bindings=FLAGS.gin_bindings,
+                               gin_search_paths=FLAGS.gin_search_paths)
+    except USER_ERRORS as error:
+      if FLAGS.is_parsed() and FLAGS.debug:
+        raise
+      _exit_with_message(argv[0] if argv else "uncurl_jax", short_message(error))
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:

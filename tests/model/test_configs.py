@@ -129,6 +129,9 @@ def test_with_expert_counts_from_ints_sequences_and_layer_paths():
   # A dense config places MoE blocks by moe_every/moe_offset when given counts.
   assert configs.with_expert_counts(dense, {"layers_0/mlp": 2, "layers_2/mlp": 2}) == \
       configs.with_expert_counts(cfg, 2)
+  top2_dense = configs.get("tiny", num_layers=4, num_experts=0, top_k=2)
+  assert configs.with_expert_counts(top2_dense, {}) is top2_dense
+  assert configs.with_expert_counts(top2_dense, 8).num_experts == 8
   with pytest.raises(ValueError, match=r"name MoE blocks \[0, 1\], the model config places "
                                        r"them at \[0, 2\]"):
     configs.with_expert_counts(cfg, {"layers_0/mlp": 2, "layers_1/mlp": 2})

@@ -82,6 +82,27 @@ def test_collect_router_logits_excludes_padding_and_stops_at_max_tokens():
       "layers_0/mlp"].shape == (first, CONFIG.num_experts)
 
 
+def test_prefix_lm_inputs_count_as_task_tokens():
+  """Prompt positions (decoder_causal_attention, loss weight 0) are routed task tokens; the
+  reference forward gets decoder_causal_attention too (it changes attention)."""
+  params, model = _init(CONFIG), SMoEDecoder(CONFIG)
+  batch = dict(_batches(1)[0])
+  causal = np.zeros((BATCH, LENGTH), np.int32)
+  causal[:, :5] = 1                                     # a 5-token prompt per row
+  weights = batch["decoder_loss_weights"].copy()
+  weights[:, :5] = 0                                    # the prompt carries no loss
+  batch.update(decoder_causal_attention=causal, decoder_loss_weights=weights)
+  logits = pruning.collect_router_logits(model, params, [batch], progress=False)
+  _, state = model.apply({"params": params}, batch["decoder_input_tokens"],
+                         batch["decoder_target_tokens"], decoder_causal_attention=causal,
+                         enable_dropout=False, mutable=["router_logits"])
+  real = (weights > 0) | (causal > 0)
+  assert real.sum() > (weights > 0).sum()
+  for name in MOE_LAYERS:
+    full = np.asarray(state["router_logits"][name.split("/")[0]]["mlp"]["logits"])
+    np.testing.assert_allclose(logits[name], full[real], rtol=1e-5, atol=1e-6)
+
+
 def test_collect_router_logits_errors():
   params = _init(CONFIG)
   batch = _batches(1)[0]
@@ -96,6 +117,41 @@ def test_collect_router_logits_errors():
     pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [empty])
   with pytest.raises(ValueError, match="no real tokens in 0 batches"):
     pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [])
+
+
+@pytest.mark.parametrize("edit, error, match", [
+    (lambda b: {k: v for k, v in b.items() if k != "decoder_input_tokens"}, ValueError,
+     r"task batch 0 lacks \['decoder_input_tokens'\]"),
+    (lambda b: {k: v for k, v in b.items() if k != "decoder_target_tokens"}, ValueError,
+     r"lacks \['decoder_target_tokens'\]"),
+    (lambda b: dict(b, decoder_loss_weights=b["decoder_loss_weights"][:, :3]), ValueError,
+     r"decoder_loss_weights has shape \(4, 3\), expected \(4, 16\)"),
+    (lambda b: dict(b, decoder_input_tokens=b["decoder_input_tokens"][0]), ValueError,
+     r"must be \[batch, length\]"),
+    (lambda b: dict(b, decoder_input_tokens=b["decoder_input_tokens"] * 1.0), TypeError,
+     "decoder_input_tokens must hold integers, got dtype float64"),
+    (lambda b: dict(b, decoder_target_tokens=b["decoder_target_tokens"] + 64), ValueError,
+     r"outside the model's vocabulary \[0, 64\)"),
+    (lambda b: [1, 2], TypeError, "task batch 0 must be a mapping"),
+])
+def test_bad_batches_are_refused_before_their_forward_pass(edit, error, match):
+  with pytest.raises(error, match=match):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [edit(_batches(1)[0])],
+                                  progress=False)
+
+
+def test_a_dense_model_and_another_models_params_are_refused():
+  batch = _batches(1)[0]
+  dense = dataclasses.replace(CONFIG, num_experts=0)
+  with pytest.raises(ValueError, match="params have no MoE layer"):
+    pruning.collect_router_logits(SMoEDecoder(dense), _init(dense), [batch], progress=False)
+  other = dataclasses.replace(CONFIG, num_experts=4)
+  with pytest.raises(ValueError, match=r"params do not fit the model \(\d+ differences, e.g. "
+                                       r"\['layers_0/mlp/expert/wi/bias: model \(4, 32\), "
+                                       r"params \(8, 32\)'"):
+    pruning.collect_router_logits(SMoEDecoder(other), _init(CONFIG), [batch], progress=False)
+  with pytest.raises(TypeError, match="max_tokens must be an int"):
+    pruning.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [batch], max_tokens=2.0)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

@@ -11,6 +11,7 @@ import pytest
 
 from uncurl_jax.model import configs
 from uncurl_jax import pruning
+from uncurl_jax.pruning import features
 from uncurl_jax.pruning import merge
 from uncurl_jax.pruning import methods
 
@@ -40,6 +41,23 @@ def _logits(num_experts=8, tokens=200, seed=0):
   return {name: rng.normal(size=(tokens, num_experts)).astype(np.float32) for name in LAYERS}
 
 
+def _stats(logits, seed=1):
+  """ExpertStats around `logits` with random saliencies and mean outputs."""
+  rng = np.random.default_rng(seed)
+  stats = {}
+  for name, h in logits.items():
+    counts = np.bincount(np.argmax(h, 1), minlength=h.shape[1])
+    stats[name] = features.ExpertStats(
+        logits=h, top1_counts=counts, topk_counts=counts, reap=rng.uniform(size=h.shape[1]),
+        mean_output=rng.normal(size=(h.shape[1], D_MODEL)), top_k=1)
+  return stats
+
+
+def _task(method, logits):
+  """What `method` prunes from: the logits, or ExpertStats for the methods that need them."""
+  return _stats(logits) if methods.get(method).needs_stats else logits
+
+
 def _kwargs(method, params):
   if method == "router_norm":
     return {"pretrained_params": _params(seed=7)}
@@ -64,11 +82,11 @@ def _assert_trees_equal(a, b):
 def test_keeping_every_expert_is_the_identity(method):
   params, logits = _params(), _logits()
   for router in ("anchor", "merge"):
-    out = pruning.prune_params(params, logits, 8, method=method, router=router,
-                               **_kwargs(method, params))
+    out = pruning.prune_params(params, _task(method, logits), 8, method=method,
+                               router=router, **_kwargs(method, params))
     _assert_trees_equal(out, params)
   # The paper's fresh router: experts unchanged, a new [d, E] router.
-  out = pruning.prune_params(params, logits, 8, method=method, router="reinit",
+  out = pruning.prune_params(params, _task(method, logits), 8, method=method, router="reinit",
                              **_kwargs(method, params))
   out_router = out["layers_0"]["mlp"]["router"]["kernel"]
   assert out_router.shape == (D_MODEL, 8)
@@ -243,8 +261,9 @@ def test_default_targets_follow_the_paper():
 def test_plans_are_deterministic_round_trip_json_and_do_not_mutate(method):
   params, logits = _params(), _logits()
   params_copy, logits_copy = copy.deepcopy(params), copy.deepcopy(logits)
-  plan = pruning.plan_pruning(params, logits, 3, method=method, **_kwargs(method, params))
-  again = pruning.plan_pruning(params, logits, 3, method=method, **_kwargs(method, params))
+  task = _task(method, logits)
+  plan = pruning.plan_pruning(params, task, 3, method=method, **_kwargs(method, params))
+  again = pruning.plan_pruning(params, task, 3, method=method, **_kwargs(method, params))
   assert plan == again
   assert pruning.PrunePlan.from_json(plan.to_json()) == plan
   out = pruning.apply_plan(params, plan)
@@ -274,6 +293,9 @@ def test_sharded_params_give_sharded_jax_results():
     expected = pruning.apply_plan(params, plan)
     for leaf in jax.tree_util.tree_leaves(out["layers_0"]):
       assert isinstance(leaf, jax.Array)
+      # Computed on the inputs' devices: the mesh's eight, not one default device.
+      assert leaf.sharding.device_set == set(mesh.devices.flat)
+    assert out["token_embed"]["embedding"] is sharded["token_embed"]["embedding"]
     flat_out = flax.traverse_util.flatten_dict(out)
     for key, want in flax.traverse_util.flatten_dict(expected).items():
       np.testing.assert_allclose(np.asarray(flat_out[key]), want, rtol=1e-6, atol=1e-6)
@@ -403,9 +425,9 @@ def test_edited_plans_are_validated():
 
   with pytest.raises(ValueError, match="sum to"):
     load(bump_weight)
-  with pytest.raises(ValueError, match="has label"):
+  with pytest.raises(ValueError, match="repeat an expert"):
     load(move_anchor)
   with pytest.raises(ValueError, match="router must be one of"):
     load(bad_router)
   with pytest.raises(ValueError, match="not a permutation"):
-    pruning.apply_plan(_params(), load(bad_permutation))
+    load(bad_permutation)

@@ -139,3 +139,13 @@ def test_bad_requests_raise(tmp_path):
   checkpoints.save_params(tmp_path, _params(), step=1)
   with pytest.raises(ValueError, match=r"no checkpoint of step 5 .* has \[1\]"):
     checkpoints.read_metadata(tmp_path, step=5)
+
+
+def test_unfinished_temporary_checkpoints_are_removed_when_a_run_opens_the_directory(tmp_path):
+  (tmp_path / "40.orbax-checkpoint-tmp-1718").mkdir()
+  (tmp_path / "40.orbax-checkpoint-tmp-1718" / "params").mkdir()
+  (tmp_path / "notes").mkdir()
+  checkpoints.make_manager(tmp_path, read_only=True).close()        # reading changes nothing
+  assert (tmp_path / "40.orbax-checkpoint-tmp-1718").exists()
+  checkpoints.make_manager(tmp_path).close()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]

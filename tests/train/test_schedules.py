@@ -147,6 +147,37 @@ def test_trainer_rejects_impossible_finetuning_setups(tmp_path):
     sharded.initial_state(manager, init_checkpoint=None, rng=jax.random.key(0))
 
 
+def _trainer(config, **kwargs):
+  return trainer.Trainer(config=config, mesh=partitioning.make_mesh(), batch_shape=(8, 32),
+                         make_optimizer=functools.partial(optim.make_optimizer, warmup_steps=0),
+                         phases=schedules.training_phases(train_steps=4), **kwargs)
+
+
+def test_initial_params_of_another_model_are_refused(pruned_checkpoint, tmp_path):
+  init_dir, pruned = pruned_checkpoint                   # 4 experts, params only
+  config = configs.get("tiny", num_experts=8)
+  manager = checkpoints.make_manager(tmp_path / "run")
+  with pytest.raises(ValueError, match=r"the init checkpoint .* has 4 experts per MoE layer, "
+                                       r"the model config 8; set NUM_EXPERTS to match, or "
+                                       r"adapt_experts_to_checkpoint=True"):
+    _trainer(config).initial_state(manager, rng=jax.random.key(0), init_checkpoint=init_dir)
+  adapted = _trainer(config, adapt_experts_to_checkpoint=True)
+  state = adapted.initial_state(manager, rng=jax.random.key(0), init_checkpoint=init_dir)
+  assert adapted.config.num_experts == 4 and int(state.step) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), pruned)
+  # Other architecture fields are never adapted: the params-only checkpoint has no saved
+  # config, so the differing shapes are named.
+  wider = configs.get("tiny", num_experts=4, d_ff=64)
+  with pytest.raises(ValueError, match=r"is of another model: \d+ parameters differ, e.g. "
+                                       r"layers_0/mlp/expert/wi/bias \(4, 128\) \(model: "
+                                       r"\(4, 64\)\)"):
+    _trainer(wider, adapt_experts_to_checkpoint=True).initial_state(
+        manager, rng=jax.random.key(0), init_checkpoint=init_dir)
+  with pytest.raises(ValueError, match="give init_checkpoint or init_params, not both"):
+    _trainer(config).initial_state(manager, rng=jax.random.key(0), init_checkpoint=init_dir,
+                                   init_params=pruned)
+
+
 # ------------------------------------------------------------------------------------------
 # Runs through the gin entry point.
 
@@ -228,7 +259,8 @@ def _router_logits_reference(model, params, batches):
   """{layer: [tokens, E]} of real tokens, from the model's 'router_logits' collection."""
   forward = jax.jit(lambda p, b: model.apply(
       {"params": p}, b["decoder_input_tokens"], b["decoder_target_tokens"],
-      enable_dropout=False, mutable=["router_logits"])[1]["router_logits"])
+      decoder_causal_attention=b["decoder_causal_attention"], enable_dropout=False,
+      mutable=["router_logits"])[1]["router_logits"])
   out = {}
   for batch in batches:
     real = (batch["decoder_loss_weights"] > 0) | (batch["decoder_causal_attention"] > 0)

@@ -58,6 +58,21 @@ def test_eval_step_uses_loss_weights():
   batch = _batch()
   metrics = evaluate(state.params, batch)
   assert float(metrics["num_tokens"]) == batch["decoder_loss_weights"].sum()
+  # The cross-entropy is the loss-weighted mean over tokens (numpy reference).
+  logits = np.asarray(state.apply_fn({"params": state.params}, batch["decoder_input_tokens"],
+                                     batch["decoder_target_tokens"], enable_dropout=False),
+                      np.float64)
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  token_ce = log_z - np.take_along_axis(logits, batch["decoder_target_tokens"][..., None],
+                                        -1)[..., 0]
+  weights = batch["decoder_loss_weights"]
+  np.testing.assert_allclose(metrics["cross_entropy"], (token_ce * weights).sum() / weights.sum(),
+                             rtol=1e-5)
+  # Weight 0 on a token removes it: changing its target does not change the loss.
+  changed = dict(batch, decoder_target_tokens=batch["decoder_target_tokens"].copy())
+  changed["decoder_target_tokens"][:, -1] = (changed["decoder_target_tokens"][:, -1] + 1) % 64
+  np.testing.assert_allclose(evaluate(state.params, changed)["cross_entropy"],
+                             metrics["cross_entropy"], rtol=1e-6)
   with pytest.raises(ValueError, match="decoder_target_tokens"):
     train_step.eval_step(state.params, {"decoder_input_tokens": batch["decoder_input_tokens"]},
                          apply_fn=state.apply_fn, config=CFG)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import difflib
 from typing import Iterator, Mapping
 
 import jax
@@ -40,12 +41,33 @@ def feature_converter(*, pack: bool) -> seqio.FeatureConverter:
 
 
 def _check_lengths(task_feature_lengths: Mapping[str, int]) -> None:
+  if not isinstance(task_feature_lengths, Mapping):
+    raise TypeError(f"task_feature_lengths must be a mapping such as {{'targets': 128}}, got "
+                    f"{type(task_feature_lengths).__name__}")
   if "targets" not in task_feature_lengths:
     raise ValueError(f"task_feature_lengths needs a 'targets' length, got "
                      f"{dict(task_feature_lengths)}")
   for name, length in task_feature_lengths.items():
-    if not isinstance(length, int) or length < 1:
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
       raise ValueError(f"task_feature_lengths[{name!r}] must be a positive int, got {length!r}")
+
+
+def check_task(name: object, what: str = "MIXTURE_OR_TASK_NAME") -> str:
+  """`name` if it is a registered seqio task or mixture, else a ValueError with suggestions.
+
+  Example:
+    >>> check_task("synthetic_lmm")
+    ValueError: MIXTURE_OR_TASK_NAME='synthetic_lmm' is not a registered seqio task or
+    mixture (did you mean ['synthetic_lm', ...]?) ...
+  """
+  known = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+  if not isinstance(name, str) or name not in known:
+    close = difflib.get_close_matches(str(name), sorted(known), n=3)
+    hint = f" (did you mean {close}?)" if close else ""
+    raise ValueError(f"{what}={name!r} is not a registered seqio task or mixture{hint}; "
+                     "the module that registers it must be imported (e.g. `import "
+                     "uncurl_jax.tasks` in the gin file)")
+  return name
 
 
 def model_length(task_feature_lengths: Mapping[str, int]) -> int:

@@ -16,6 +16,10 @@ import numbers
 from typing import Any, Mapping, Sequence
 
 DISPATCH_MODES = ("einsum", "gather")
+# The fields that determine the parameters' shapes (what a checkpoint must agree with).
+ARCHITECTURE_FIELDS = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads", "num_layers",
+                       "num_experts", "layer_num_experts", "moe_every", "moe_offset",
+                       "tie_embeddings")
 EXPERT_PARALLEL_MODES = ("auto", "never")
 DTYPES = ("float32", "bfloat16")
 
@@ -217,12 +221,13 @@ def with_expert_counts(config: ModelConfig,
     >>> with_expert_counts(cfg, {"layers_0/mlp": 4, "layers_2/mlp": 2}).layer_num_experts
     (4, 2)
   """
-  placed = dataclasses.replace(config, num_experts=max(1, config.num_experts),
+  # A placeholder count (valid for top_k) places the MoE blocks also for a dense config.
+  placed = dataclasses.replace(config, num_experts=max(1, config.top_k, config.num_experts),
                                layer_num_experts=None)
   blocks = placed.moe_layers
   if isinstance(counts, Mapping):
     if not counts:
-      return dataclasses.replace(config, num_experts=0, layer_num_experts=None)
+      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None))
     by_block = {_block_index(path): count for path, count in counts.items()}
     if sorted(by_block) != list(blocks):
       raise ValueError(f"expert counts name MoE blocks {sorted(by_block)}, the model config "
@@ -231,7 +236,7 @@ def with_expert_counts(config: ModelConfig,
     per_layer = [by_block[i] for i in blocks]
   elif isinstance(counts, numbers.Integral) and not isinstance(counts, bool):
     if counts == 0:
-      return dataclasses.replace(config, num_experts=0, layer_num_experts=None)
+      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None))
     per_layer = [int(counts)] * len(blocks)
   else:
     per_layer = list(counts)
@@ -247,5 +252,10 @@ def with_expert_counts(config: ModelConfig,
   else:
     wanted = dataclasses.replace(config, num_experts=max(per_layer),
                                  layer_num_experts=tuple(per_layer))
+  return _same_or(config, wanted)
+
+
+def _same_or(config: ModelConfig, wanted: ModelConfig) -> ModelConfig:
+  """`config` itself when `wanted` equals it (callers may test identity)."""
   return config if wanted == config else wanted
 

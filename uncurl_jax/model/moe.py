@@ -291,8 +291,9 @@ class MoeLayer(nn.Module):
 
   Parameters (relative to this module): `router/kernel [d, E]`,
   `expert/wi/{kernel [E, d, f], bias [E, f]}`, `expert/wo/{kernel [E, f, d], bias [E, d]}`.
-  Sows the scalars of `INTERMEDIATE_NAMES` into 'intermediates', and the raw router
-  logits `[B, L, E]` into 'router_logits'/'logits' when that collection is mutable.
+  Sows the scalars of `INTERMEDIATE_NAMES` into 'intermediates', the raw router logits
+  `[B, L, E]` into 'router_logits'/'logits' and its input `[B, L, d]` into
+  'moe_inputs'/'inputs' when those collections are mutable.
 
   Example:
     >>> layer = MoeLayer(config=configs.get("tiny", num_experts=8), name="mlp")
@@ -326,4 +327,7 @@ class MoeLayer(nn.Module):
       # Stored as the plain array (not a sown tuple): pruning reads [B, L, E] directly.
       self.sow("router_logits", "logits", logits,
                init_fn=lambda: None, reduce_fn=lambda _, new: new)
+    if self.is_mutable_collection("moe_inputs") and not self.is_initializing():
+      # The layer's input [B, L, d]: task statistics run every expert on it.
+      self.sow("moe_inputs", "inputs", x, init_fn=lambda: None, reduce_fn=lambda _, new: new)
     return y

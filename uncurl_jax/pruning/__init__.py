@@ -1,7 +1,8 @@
 """Task-specific expert pruning of SMoE parameter pytrees (UNCURL and baselines).
 
 The steps are separate modules of pure functions, each usable alone:
-`features` (router-logit similarity, selection frequencies) -> `clustering` ->
+`collect` and `stats` (router logits, the experts' task statistics) -> `features`
+(similarity, selection frequencies) -> `clustering` ->
 `alignment` (Hungarian weight matching) -> `merge` (weighted averaging, router
 re-indexing). `methods` is the registry of pruning methods, `validate` checks the
 arguments, `layout` finds MoE layers in a params tree. `plan_pruning` composes the
@@ -14,6 +15,7 @@ Example:
 """
 from uncurl_jax.pruning.clustering import CLUSTER_METHODS
 from uncurl_jax.pruning.collect import collect_router_logits
+from uncurl_jax.pruning.features import ExpertStats
 from uncurl_jax.pruning.layout import DEFAULT_LAYOUT
 from uncurl_jax.pruning.layout import T5X_LAYOUT
 from uncurl_jax.pruning.layout import MoeLayout
@@ -31,6 +33,7 @@ from uncurl_jax.pruning.prune import apply_plan
 from uncurl_jax.pruning.prune import plan_pruning
 from uncurl_jax.pruning.prune import prune_params
 from uncurl_jax.pruning.prune import pruned_config
+from uncurl_jax.pruning.stats import collect_expert_stats
 from uncurl_jax.pruning.validate import default_num_experts
 
 __all__ = [
@@ -40,12 +43,14 @@ __all__ = [
     "ROUTER_MODES",
     "T5X_LAYOUT",
     "ExpertAlignment",
+    "ExpertStats",
     "LayerPlan",
     "Method",
     "MethodInputs",
     "MoeLayout",
     "PrunePlan",
     "apply_plan",
+    "collect_expert_stats",
     "collect_router_logits",
     "default_num_experts",
     "expert_counts",

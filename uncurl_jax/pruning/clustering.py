@@ -144,6 +144,28 @@ def cluster_anchors(labels: np.ndarray, frequencies: np.ndarray) -> np.ndarray:
   return anchors
 
 
+def hierarchical_clusters(points: np.ndarray, num_clusters: int) -> np.ndarray:
+  """Average-linkage agglomerative clustering of `points` [E, k] by Euclidean distance.
+
+  Returns [E] labels in [0, D), every cluster non-empty, numbered by smallest member.
+
+  Example:
+    >>> hierarchical_clusters(np.array([[0.], [0.1], [5.]]), 2)
+    array([0, 0, 1])
+  """
+  points = np.asarray(points, np.float64)
+  num_experts = points.shape[0]
+  if not 1 <= num_clusters <= num_experts:
+    raise ValueError(f"num_clusters must be in [1, E={num_experts}], got {num_clusters}")
+  if num_clusters in (1, num_experts):
+    return np.arange(num_experts) if num_clusters == num_experts else np.zeros(num_experts,
+                                                                                np.int64)
+  labels = sk_cluster.AgglomerativeClustering(
+      n_clusters=num_clusters, metric="euclidean", linkage="average").fit_predict(points)
+  distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+  return complete_clusters(labels, num_clusters, 1.0 / (1.0 + distances))
+
+
 def top_experts(scores: np.ndarray, count: int) -> np.ndarray:
   """Indices of the `count` highest scores (lowest index on ties), ascending."""
   order = np.lexsort((np.arange(len(scores)), -np.asarray(scores, np.float64)))

@@ -14,12 +14,84 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
+from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.pruning import validate
+
 # Model inputs passed through when a batch has them (t5x DecoderOnlyModel's features).
+_REQUIRED_INPUTS = ("decoder_input_tokens", "decoder_target_tokens")
 _OPTIONAL_INPUTS = ("decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
+_TOKEN_FEATURES = _REQUIRED_INPUTS + _OPTIONAL_INPUTS
+
+
+def check_batch(batch: Any, index: int, *, vocab_size: int | None = None) -> None:
+  """Raises a ValueError/TypeError naming what is wrong with task batch number `index`.
+
+  A batch is a mapping of [B, L] arrays with 'decoder_input_tokens',
+  'decoder_target_tokens' (integer ids below `vocab_size`), and 'decoder_loss_weights'
+  or 'decoder_segment_ids' to mark padding; the optional features have the same shape.
+
+  Example:
+    >>> check_batch({"decoder_input_tokens": np.zeros((2, 3), int)}, 0)
+    ValueError: task batch 0 lacks ['decoder_target_tokens'] ...
+  """
+  if not isinstance(batch, Mapping):
+    raise TypeError(f"task batch {index} must be a mapping of [batch, length] arrays, got "
+                    f"{type(batch).__name__}")
+  missing = [name for name in _REQUIRED_INPUTS if name not in batch]
+  if missing or not {"decoder_loss_weights", "decoder_segment_ids"} & set(batch):
+    raise ValueError(f"task batch {index} lacks {missing or []} and needs "
+                     f"{list(_REQUIRED_INPUTS)} plus 'decoder_loss_weights' or "
+                     f"'decoder_segment_ids' (to mark padding); it has {sorted(batch)}")
+  shape = np.shape(batch["decoder_input_tokens"])
+  if len(shape) != 2:
+    raise ValueError(f"task batch {index}: decoder_input_tokens must be [batch, length], got "
+                     f"shape {shape}")
+  for name in _TOKEN_FEATURES + ("decoder_loss_weights",):
+    if name in batch and np.shape(batch[name]) != shape:
+      raise ValueError(f"task batch {index}: {name} has shape {np.shape(batch[name])}, "
+                       f"expected {shape} like decoder_input_tokens")
+  for name in _TOKEN_FEATURES:
+    if name in batch and not np.issubdtype(np.asarray(batch[name]).dtype, np.integer):
+      raise TypeError(f"task batch {index}: {name} must hold integers, got dtype "
+                      f"{np.asarray(batch[name]).dtype}")
+  if vocab_size is not None:
+    for name in _REQUIRED_INPUTS:
+      ids = np.asarray(batch[name])
+      if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"task batch {index}: {name} has ids in [{ids.min()}, {ids.max()}], "
+                         f"outside the model's vocabulary [0, {vocab_size})")
+
+
+@functools.lru_cache(maxsize=16)
+def _param_shapes(model: Any, batch_shape: tuple[int, int]) -> dict[tuple[str, ...], tuple]:
+  tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
+  expected = jax.eval_shape(functools.partial(model.init, enable_dropout=False),
+                            jax.random.key(0), tokens, tokens)["params"]
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(expected).items()}
+
+
+def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) -> None:
+  """Raises a ValueError unless `params` has MoE layers and fits `model`'s parameter tree."""
+  if not isinstance(params, Mapping):
+    raise TypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
+  if not layout_lib.expert_counts(params):
+    raise ValueError("params have no MoE layer (no router kernel); router logits come from "
+                     "the MoE layers of an SMoE model")
+  try:
+    want = _param_shapes(model, tuple(batch_shape))
+  except TypeError:  # an unhashable module
+    want = _param_shapes.__wrapped__(model, tuple(batch_shape))
+  have = {k: tuple(np.shape(v)) for k, v in layout_lib.flatten_params(params).items()}
+  differences = [f"{'/'.join(k)}: model {want.get(k)}, params {have.get(k)}"
+                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if differences:
+    raise ValueError(f"params do not fit the model ({len(differences)} differences, e.g. "
+                     f"{differences[:4]}); pass the params of this model")
 
 
 def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
@@ -44,6 +116,11 @@ def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
                    f"padding; got keys {sorted(batch)}")
 
 
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+  """The features of a batch that the model takes (t5x DecoderOnlyModel's)."""
+  return {name: batch[name] for name in _TOKEN_FEATURES if name in batch}
+
+
 def router_logits_by_layer(collection: Mapping[str, Any]) -> dict[str, list[Any]]:
   """{MoE layer path: [[B, L, E] arrays]} from a 'router_logits' collection.
 
@@ -63,7 +140,7 @@ def _make_forward(model):
   def forward(params, inputs):
     _, state = model.apply({"params": params}, **inputs, enable_dropout=False,
                            mutable=["router_logits"])
-    return state["router_logits"]
+    return state.get("router_logits", {})
   return jax.jit(forward)
 
 
@@ -104,29 +181,34 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
     {MoE layer path: [tokens, E] float32 numpy array}, padding excluded.
 
   Raises:
-    ValueError: max_tokens < 1, a batch without a padding marker, the model sowing no
-      router logits, or no real token in any batch.
+    TypeError, ValueError: Before a batch's forward pass (`check_batch`): a missing
+      feature or padding marker, features of other shapes, non-integer ids, ids outside
+      the vocabulary; before the first (`check_model_params`): params without MoE layers
+      or of another model; max_tokens not an int >= 1; no real token in any batch.
 
   Example:
     >>> logits = collect_router_logits(model, params, task_batches, max_tokens=65536)
     >>> plan = plan_pruning(params, logits, 8)
   """
-  if max_tokens is not None and max_tokens < 1:
-    raise ValueError(f"max_tokens must be None or >= 1, got {max_tokens}")
+  if max_tokens is not None:
+    validate.integer("max_tokens", max_tokens, low=1)
   forward = _jitted_forward(model)
+  vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   chunks: dict[str, list[np.ndarray]] = {}
   total = num_batches = 0
   bar = tqdm.tqdm(total=max_tokens, unit="tok", desc="router logits", disable=not progress)
   with bar:
     for batch in batches:
+      check_batch(batch, num_batches, vocab_size=vocab_size)
+      if num_batches == 0:
+        check_model_params(model, params, np.shape(batch["decoder_input_tokens"]))
       mask = real_token_mask(batch)
       if max_tokens is not None:
-        mask = _first_true(mask, max_tokens - total)
-      inputs = {name: batch[name] for name in ("decoder_input_tokens", "decoder_target_tokens")}
-      inputs.update({name: batch[name] for name in _OPTIONAL_INPUTS if name in batch})
-      by_layer = router_logits_by_layer(forward(params, inputs))
+        mask = first_true(mask, max_tokens - total)
+      by_layer = router_logits_by_layer(forward(params, model_inputs(batch)))
       if not by_layer:
-        raise ValueError("the model sowed no 'router_logits'/'logits'; is it an MoE model?")
+        raise ValueError("the model sowed no 'router_logits'/'logits': its MoE layers must "
+                         "sow the raw logits when that collection is mutable")
       for name, values in by_layer.items():
         chunks.setdefault(name, []).extend(np.asarray(v, np.float32)[mask] for v in values)
       count = int(mask.sum())
@@ -141,7 +223,7 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
   return {name: np.concatenate(parts, axis=0) for name, parts in chunks.items()}
 
 
-def _first_true(mask: np.ndarray, limit: int) -> np.ndarray:
+def first_true(mask: np.ndarray, limit: int) -> np.ndarray:
   """`mask` with only its first `limit` True entries (row-major) kept."""
   flat = mask.reshape(-1).copy()
   flat[np.flatnonzero(flat)[limit:]] = False

@@ -1,7 +1,8 @@
-"""Router-logit features of the experts of one MoE layer: similarity and usage.
+"""Task features of the experts of one MoE layer: similarity, usage, `ExpertStats`.
 
-All functions take the raw router logits H of one layer on the task's tokens,
-[tokens, E] (padding already excluded), and return numpy arrays.
+The functions take the raw router logits H of one layer on the task's tokens,
+[tokens, E] (padding already excluded), or the experts' mean outputs [E, d], and return
+numpy arrays. `ExpertStats` holds what `stats.collect_expert_stats` measures.
 
 Example:
   >>> h = np.random.default_rng(0).normal(size=(1000, 8)).astype(np.float32)
@@ -11,7 +12,60 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertStats:
+  """Task statistics of one MoE layer's E experts (numpy arrays).
+
+  Attributes:
+    logits: [tokens, E] raw router logits of the real task tokens.
+    top1_counts: [E] tokens whose first choice is each expert.
+    topk_counts: [E] tokens with each expert among their `top_k` choices.
+    reap: [E] REAP saliency (0 for an expert no token chose).
+    mean_output: [E, d] each expert's output averaged over all task tokens.
+    top_k: The router choices per token counted in `topk_counts` and `reap`.
+  """
+
+  logits: np.ndarray
+  top1_counts: np.ndarray
+  topk_counts: np.ndarray
+  reap: np.ndarray
+  mean_output: np.ndarray
+  top_k: int
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.logits.shape[0])
+
+  @property
+  def num_experts(self) -> int:
+    return int(self.logits.shape[1])
+
+
+def cosine_affinity(vectors: np.ndarray) -> np.ndarray:
+  """(1 + cos) / 2 of every pair of rows of `vectors` [n, k]; 0.5 for a zero row.
+
+  Example:
+    >>> cosine_affinity(np.array([[1., 0.], [-1., 0.]]))
+    array([[1., 0.], [0., 1.]])
+  """
+  rows = np.asarray(vectors, np.float64)
+  gram = rows @ rows.T
+  norms = np.sqrt(np.diag(gram))
+  safe = np.where(norms > 0, norms, 1.0)
+  cosine = np.clip(gram / np.outer(safe, safe), -1.0, 1.0)
+  similarity = (1.0 + cosine) / 2.0
+  np.fill_diagonal(similarity, 1.0)
+  return similarity
+
+
+def output_similarity(mean_output: np.ndarray) -> np.ndarray:
+  """(1 + cos) / 2 similarity of the experts' mean outputs [E, d] (UNCURL on outputs)."""
+  return cosine_affinity(mean_output)
 
 
 def router_similarity(logits: np.ndarray) -> np.ndarray:
@@ -30,14 +84,7 @@ def router_similarity(logits: np.ndarray) -> np.ndarray:
     >>> router_similarity(np.array([[1., 2.], [1., 2.]]))
     array([[1., 1.], [1., 1.]])
   """
-  columns = np.asarray(logits, np.float64)
-  gram = columns.T @ columns
-  norms = np.sqrt(np.diag(gram))
-  safe = np.where(norms > 0, norms, 1.0)
-  cosine = np.clip(gram / np.outer(safe, safe), -1.0, 1.0)
-  similarity = (1.0 + cosine) / 2.0
-  np.fill_diagonal(similarity, 1.0)
-  return similarity
+  return cosine_affinity(np.asarray(logits, np.float64).T)
 
 
 def selection_counts(logits: np.ndarray, top_k: int = 1) -> np.ndarray:

@@ -162,7 +162,10 @@ class MethodInputs:
     logits: {layer path: [tokens, E] raw router logits on the task}, or None.
     frequencies: {layer path: [E] selection frequencies}, or None without logits.
     pretrained_router: {layer path: [d, E] router kernel before finetuning}, or None.
+    stats: {layer path: ExpertStats} (`collect_expert_stats`), or None.
     cluster: Clustering algorithm for the methods that cluster.
+    features: What "uncurl" clusters on: "router_logits" (the paper) or
+      "expert_outputs" (the experts' mean outputs on the task, from `stats`).
     seed: Seed of the random decisions.
   """
 
@@ -171,12 +174,17 @@ class MethodInputs:
   logits: Mapping[str, np.ndarray] | None = None
   frequencies: Mapping[str, np.ndarray] | None = None
   pretrained_router: Mapping[str, np.ndarray] | None = None
+  stats: Mapping[str, features.ExpertStats] | None = None
   cluster: str = "spectral"
+  features: str = "router_logits"
   seed: int = 0
 
   @functools.cached_property
   def similarities(self) -> dict[str, np.ndarray]:
-    """{layer: [E, E] router-logit similarity}, computed on first use."""
+    """{layer: [E, E] affinity of the experts}, computed on first use: of their router
+    logits (the paper) or, with features="expert_outputs", of their mean outputs."""
+    if self.features == "expert_outputs":
+      return {name: features.output_similarity(s.mean_output) for name, s in self.stats.items()}
     return {name: features.router_similarity(h) for name, h in self.logits.items()}
 
   def layer_rng(self, name: str) -> np.random.Generator:
@@ -199,6 +207,7 @@ class Method:
     merges: True if members are averaged into their anchor; False if experts are only
       kept or dropped (selection: merge weights are 1 for kept experts).
     needs_logits: Needs the task's router logits (else they are optional).
+    needs_stats: Needs the experts' task statistics (`ExpertStats`).
     needs_pretrained: Needs the pretrained router (`pretrained_params=`).
     default_router: The router option when the caller gives none.
     description: One line for documentation and error messages.
@@ -208,6 +217,7 @@ class Method:
   group: Callable[[MethodInputs], dict[str, Grouping]]
   merges: bool
   needs_logits: bool = True
+  needs_stats: bool = False
   needs_pretrained: bool = False
   default_router: str = "reinit"
   description: str = ""
@@ -225,6 +235,32 @@ def _mc_smoe(inputs: MethodInputs) -> dict[str, Grouping]:
   return {name: mc_smoe_grouping(inputs.similarities[name], dominant[name])
           for name in inputs.layers}
 
+
+def reap_grouping(saliency: np.ndarray, num_kept: int) -> Grouping:
+  """REAP (Lasby et al. 2025): keep the `num_kept` experts of largest saliency.
+
+  The saliency of expert j is the mean over the tokens routed to it of
+  gate_j(x) * ||f_j(x)|| (`ExpertStats.reap`): an expert that is chosen often but
+  contributes little to the layer's output goes first.
+  """
+  return selection_grouping(clustering.top_experts(saliency, num_kept), len(saliency))
+
+
+def hc_smoe_grouping(mean_output: np.ndarray, frequencies: np.ndarray,
+                     num_kept: int) -> Grouping:
+  """HC-SMoE (Chen et al. 2025): average-linkage hierarchical clustering of the experts by
+  the Euclidean distance of their mean outputs on the task; members are merged by their
+  selection frequencies without aligning hidden units (as its public code's frequency
+  merge does). The anchor (the expert whose router column an "anchor" router keeps) is
+  each cluster's most selected member.
+  """
+  labels = clustering.hierarchical_clusters(mean_output, num_kept)
+  anchors = clustering.cluster_anchors(labels, frequencies)
+  labels, anchors = _ordered(labels, anchors)
+  return Grouping(labels, anchors, {})
+
+
+FEATURES = ("router_logits", "expert_outputs")
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -278,6 +314,16 @@ register(Method(
     description="keep experts drawn uniformly at random",
     group=per_layer(lambda i, name: random_grouping(
         i.layers[name].num_experts, i.targets[name], i.layer_rng(name)))))
+
+register(Method(
+    "reap", merges=False, needs_stats=True, default_router="anchor",
+    description="REAP: keep the largest router-weighted expert activation norms",
+    group=per_layer(lambda i, name: reap_grouping(i.stats[name].reap, i.targets[name]))))
+register(Method(
+    "hc_smoe", merges=True, needs_stats=True,
+    description="HC-SMoE: hierarchical clustering on expert outputs, frequency merge",
+    group=per_layer(lambda i, name: hc_smoe_grouping(
+        i.stats[name].mean_output, i.frequencies[name], i.targets[name]))))
 
 # The built-in methods (the registry may hold more).
 METHODS = names()

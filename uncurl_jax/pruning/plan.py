@@ -21,9 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from uncurl_jax.pruning import clustering
 from uncurl_jax.pruning import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
+from uncurl_jax.pruning import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +45,18 @@ class ExpertAlignment:
   permutation: tuple[int, ...]
   score_before: float
   score_after: float
+
+  def __post_init__(self):
+    validate.integer("ExpertAlignment.member", self.member, low=0)
+    validate.integer("ExpertAlignment.reference", self.reference, low=0)
+    permutation = _int_tuple("ExpertAlignment.permutation", self.permutation)
+    if sorted(permutation) != list(range(len(permutation))):
+      raise ValueError(f"ExpertAlignment.permutation of expert {self.member} is not a "
+                       f"permutation of 0..{len(permutation) - 1}")
+    object.__setattr__(self, "permutation", permutation)
+    for name in ("score_before", "score_after"):
+      object.__setattr__(self, name, validate.real(f"ExpertAlignment.{name}",
+                                                   getattr(self, name)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,29 +83,58 @@ class LayerPlan:
   alignments: tuple[ExpertAlignment, ...] = ()
 
   def __post_init__(self):
-    e, d = self.num_experts, len(self.anchors)
-    lengths = {"labels": len(self.labels), "member_weights": len(self.member_weights)}
-    if self.frequencies is not None:
-      lengths["frequencies"] = len(self.frequencies)
-    for name, length in lengths.items():
-      if length != e:
-        raise ValueError(f"LayerPlan.{name} has {length} entries, expected E={e}")
-    labels = np.asarray(self.labels, np.int64)
-    if not 1 <= d <= e or labels.min() < -1 or labels.max() >= d:
+    e = validate.integer("LayerPlan.num_experts", self.num_experts, low=1)
+    labels = _int_tuple("LayerPlan.labels", self.labels, length=e)
+    anchors = _int_tuple("LayerPlan.anchors", self.anchors)
+    d = len(anchors)
+    if not 1 <= d <= e or min(labels) < -1 or max(labels) >= d:
       raise ValueError(f"LayerPlan needs 1 <= D={d} <= E={e} and labels in [-1, D), got "
-                       f"labels {list(self.labels)}")
-    weights = np.asarray(self.member_weights, np.float64)
+                       f"labels {list(labels)}")
+    weights = _float_tuple("LayerPlan.member_weights", self.member_weights, length=e)
+    object.__setattr__(self, "labels", labels)
+    object.__setattr__(self, "anchors", anchors)
+    object.__setattr__(self, "member_weights", weights)
+    if self.frequencies is not None:
+      frequencies = _float_tuple("LayerPlan.frequencies", self.frequencies, length=e)
+      if min(frequencies) < 0:
+        raise ValueError(f"LayerPlan.frequencies must be >= 0, got {list(frequencies)}")
+      object.__setattr__(self, "frequencies", frequencies)
+    self._check_clusters(np.asarray(labels), np.asarray(weights, np.float64))
+    self._check_alignments(np.asarray(labels))
+
+  def _check_clusters(self, labels: np.ndarray, weights: np.ndarray) -> None:
+    e = len(labels)
+    if len(set(self.anchors)) != len(self.anchors):
+      raise ValueError(f"LayerPlan.anchors {list(self.anchors)} repeat an expert")
     for c, anchor in enumerate(self.anchors):
-      if self.labels[anchor] != c:
-        raise ValueError(f"anchor {anchor} of new expert {c} has label {self.labels[anchor]}")
+      if not 0 <= anchor < e:
+        raise ValueError(f"anchor {anchor} of new expert {c} is not an expert in [0, E={e})")
+      if labels[anchor] != c:
+        raise ValueError(f"anchor {anchor} of new expert {c} has label {labels[anchor]}")
       if not np.isclose(weights[labels == c].sum(), 1.0, atol=1e-6):
         raise ValueError(f"member weights of new expert {c} sum to "
                          f"{weights[labels == c].sum()}, expected 1")
     if np.any(weights < 0) or np.any(weights[labels < 0] != 0):
       raise ValueError("member weights must be >= 0, and 0 for dropped experts")
+
+  def _check_alignments(self, labels: np.ndarray) -> None:
+    e, seen, lengths = len(labels), set(), set()
     for alignment in self.alignments:
+      if not isinstance(alignment, ExpertAlignment):
+        raise TypeError(f"LayerPlan.alignments must hold ExpertAlignments, got "
+                        f"{type(alignment).__name__}")
+      for role in ("member", "reference"):
+        index = getattr(alignment, role)
+        if index >= e:
+          raise ValueError(f"alignment {role} {index} is not an expert in [0, E={e})")
       if labels[alignment.member] < 0:
         raise ValueError(f"expert {alignment.member} is dropped but has an alignment")
+      if alignment.member in seen:
+        raise ValueError(f"expert {alignment.member} is aligned twice")
+      seen.add(alignment.member)
+      lengths.add(len(alignment.permutation))
+    if len(lengths) > 1:
+      raise ValueError(f"alignments permute different numbers of hidden units {sorted(lengths)}")
 
   @property
   def num_kept(self) -> int:
@@ -111,14 +154,12 @@ class LayerPlan:
     """[E, d_ff] hidden-unit permutation of every old expert (identity if not aligned)."""
     if not self.alignments:
       return None
-    identity = np.arange(d_ff)
-    table = np.tile(identity, (self.num_experts, 1))
+    table = np.tile(np.arange(d_ff), (self.num_experts, 1))
     for alignment in self.alignments:
-      permutation = np.asarray(alignment.permutation)
-      if not np.array_equal(np.sort(permutation), identity):
-        raise ValueError(f"alignment of expert {alignment.member} is not a permutation of "
-                         f"the layer's d_ff={d_ff} hidden units")
-      table[alignment.member] = permutation
+      if len(alignment.permutation) != d_ff:
+        raise ValueError(f"alignment of expert {alignment.member} permutes "
+                         f"{len(alignment.permutation)} hidden units, the layer has d_ff={d_ff}")
+      table[alignment.member] = alignment.permutation
     return table
 
 
@@ -133,6 +174,7 @@ class PrunePlan:
     seed: Seed of the random decisions and of a re-initialized router.
     router_init_std: Standard deviation of a re-initialized router kernel.
     cluster: Clustering algorithm (method "uncurl"), else None.
+    features: What "uncurl" clustered on ("router_logits" or "expert_outputs"), else None.
     top_k: Router choices counted per token in the selection frequencies.
     layout: Where the MoE layers keep their weights.
   """
@@ -143,20 +185,29 @@ class PrunePlan:
   seed: int = 0
   router_init_std: float = 0.02
   cluster: str | None = None
+  features: str | None = None
   top_k: int = 1
   layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT
 
   def __post_init__(self):
-    if self.method not in methods_lib.names():
-      raise ValueError(f"PrunePlan.method must be one of {methods_lib.names()}, got "
-                       f"{self.method!r}")
-    if self.router not in merge_lib.ROUTER_MODES:
-      raise ValueError(f"PrunePlan.router must be one of {merge_lib.ROUTER_MODES}, got "
-                       f"{self.router!r}")
+    validate.choice("PrunePlan.method", self.method, methods_lib.names())
+    validate.choice("PrunePlan.router", self.router, merge_lib.ROUTER_MODES)
+    validate.integer("PrunePlan.seed", self.seed, low=0)
+    object.__setattr__(self, "router_init_std", validate.real(
+        "PrunePlan.router_init_std", self.router_init_std, positive=True))
+    if self.cluster is not None:
+      validate.choice("PrunePlan.cluster", self.cluster, clustering.CLUSTER_METHODS)
+    if self.features is not None:
+      validate.choice("PrunePlan.features", self.features, methods_lib.FEATURES)
+    validate.integer("PrunePlan.top_k", self.top_k, low=1)
+    if not isinstance(self.layout, layout_lib.MoeLayout):
+      raise TypeError(f"PrunePlan.layout must be a MoeLayout, got {type(self.layout).__name__}")
+    if not isinstance(self.layers, dict) or not self.layers:
+      raise ValueError("PrunePlan.layers must be a non-empty {layer path: LayerPlan} dict")
     for name, layer in self.layers.items():
-      if not isinstance(layer, LayerPlan):
-        raise TypeError(f"PrunePlan.layers[{name!r}] must be a LayerPlan, got "
-                        f"{type(layer).__name__}")
+      if not isinstance(name, str) or not isinstance(layer, LayerPlan):
+        raise TypeError(f"PrunePlan.layers must map layer paths to LayerPlans, got "
+                        f"{name!r}: {type(layer).__name__}")
 
   @property
   def num_experts(self) -> dict[str, int]:
@@ -184,10 +235,23 @@ class PrunePlan:
 
   @classmethod
   def from_json(cls, text: str) -> PrunePlan:
-    """Reads `to_json`'s output back (validating every layer)."""
-    data = json.loads(text)
-    layers = {name: _layer_from_dict(layer) for name, layer in data.pop("layers").items()}
-    layout = layout_lib.MoeLayout(**data.pop("layout"))
+    """Reads `to_json`'s output back, validating it against the plan's schema.
+
+    Raises:
+      TypeError, ValueError: Text that is not JSON, a missing or unknown field, a value of
+        the wrong type or range (see the dataclasses' checks).
+    """
+    if not isinstance(text, (str, bytes)):
+      raise TypeError(f"PrunePlan.from_json needs JSON text, got {type(text).__name__}")
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as error:
+      raise ValueError(f"PrunePlan.from_json: the text is not JSON ({error})") from None
+    data = _fields(data, cls, "PrunePlan")
+    layers = validate.mapping("PrunePlan.layers", data.pop("layers"))
+    layers = {name: _layer_from_dict(layer, name) for name, layer in layers.items()}
+    layout = layout_lib.MoeLayout(**_fields(data.pop("layout"), layout_lib.MoeLayout,
+                                            "PrunePlan.layout"))
     return cls(layers=layers, layout=layout, **data)
 
 
@@ -197,15 +261,46 @@ def _to_jsonable(plan: PrunePlan) -> dict[str, Any]:
   return data
 
 
-def _layer_from_dict(data: dict[str, Any]) -> LayerPlan:
-  alignments = tuple(ExpertAlignment(**{**a, "permutation": tuple(a["permutation"])})
-                     for a in data.pop("alignments"))
-  frequencies = data.pop("frequencies")
-  return LayerPlan(
-      num_experts=data["num_experts"], labels=tuple(data["labels"]),
-      anchors=tuple(data["anchors"]), member_weights=tuple(data["member_weights"]),
-      frequencies=None if frequencies is None else tuple(frequencies),
-      alignments=alignments)
+def _fields(data: Any, cls: type, where: str) -> dict[str, Any]:
+  """`data` as a dict with the fields of dataclass `cls`: none unknown, none required missing."""
+  if not isinstance(data, dict):
+    raise TypeError(f"{where} must be a JSON object, got {type(data).__name__}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  required = {name for name, f in fields.items()
+              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+  missing = sorted(required - set(data))
+  if unknown or missing:
+    raise ValueError(f"{where}: missing fields {missing}, unknown fields {unknown}")
+  return dict(data)
+
+
+def _int_tuple(name: str, values: Any, *, length: int | None = None) -> tuple[int, ...]:
+  if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
+    raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+  ints = tuple(validate.integer(f"{name}[{i}]", v) for i, v in enumerate(values))
+  if length is not None and len(ints) != length:
+    raise ValueError(f"{name} has {len(ints)} entries, expected E={length}")
+  return ints
+
+
+def _float_tuple(name: str, values: Any, *, length: int) -> tuple[float, ...]:
+  if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
+    raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+  if len(values) != length:
+    raise ValueError(f"{name} has {len(values)} entries, expected E={length}")
+  return tuple(validate.real(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+
+def _layer_from_dict(data: Any, name: str) -> LayerPlan:
+  data = _fields(data, LayerPlan, f"PrunePlan.layers[{name!r}]")
+  alignments = data.pop("alignments", ())
+  if not isinstance(alignments, list):
+    raise TypeError(f"PrunePlan.layers[{name!r}].alignments must be a list")
+  data["alignments"] = tuple(
+      ExpertAlignment(**_fields(a, ExpertAlignment, f"an alignment of {name!r}"))
+      for a in alignments)
+  return LayerPlan(**data)
 
 
 def _format_json(value: Any, indent: int = 0) -> str:

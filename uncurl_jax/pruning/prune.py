@@ -26,7 +26,7 @@ from absl import logging
 
 from uncurl_jax.model import configs
 from uncurl_jax.pruning import alignment as alignment_lib
-from uncurl_jax.pruning import features
+from uncurl_jax.pruning import features as features_lib
 from uncurl_jax.pruning import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
@@ -39,7 +39,7 @@ from uncurl_jax.pruning.plan import PrunePlan
 def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
                  num_experts: int | Mapping[str, int] | None = None, *,
                  method: str = "uncurl", cluster: str = "spectral", router: str | None = None,
-                 seed: int = 0, top_k: int = 1,
+                 features: str = "router_logits", seed: int = 0, top_k: int = 1,
                  layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT,
                  pretrained_params: Mapping[str, Any] | None = None,
                  router_init_std: float = 0.02, num_workers: int | None = None,
@@ -49,8 +49,10 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
   Args:
     params: Parameter pytree (numpy or jax arrays, possibly sharded).
     logits: {MoE layer path: [tokens, E] raw router logits on the task, padding
-      excluded} (`collect_router_logits`). May be None for methods that do not need
-      them ("random", "router_norm").
+      excluded} (`collect_router_logits`), or {MoE layer path: ExpertStats}
+      (`collect_expert_stats`: the logits and what the experts compute, which "reap",
+      "hc_smoe" and features="expert_outputs" need). May be None for methods that need
+      neither ("random", "router_norm").
     num_experts: Experts to keep: one int for every layer, a {layer: int} mapping, or
       None for the paper's default (`default_num_experts`). For "mc_smoe" only the total
       over layers is used (its allocation varies per layer).
@@ -58,8 +60,12 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
       the paper), "frequency" (keep the most selected), "frequency_merge" (most selected
       anchor, others merge into the most similar), "mc_smoe" (global dominant experts,
       merge), "router_norm" (keep the largest router-norm change; needs
-      `pretrained_params`) or "random".
+      `pretrained_params`), "random", "reap" (keep the largest router-weighted output
+      norms) or "hc_smoe" (hierarchical clustering on expert outputs, merge).
     cluster: "spectral", "kmeans" or "agglomerative" (methods that cluster).
+    features: What "uncurl" clusters on: "router_logits" (the paper's similarity of the
+      router-logit columns) or "expert_outputs" (of the experts' mean outputs; needs
+      ExpertStats).
     router: "reinit", "anchor" or "merge" (see `merge.reindex_router`); None takes the
       method's default: "reinit" (the paper) for merging methods, "anchor" (slice the
       router to the kept experts) for the selection methods.
@@ -76,28 +82,36 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
     The PrunePlan.
 
   Raises:
-    ValueError: Before any work, for an unknown option, a target outside [1, E], logits
-      missing or extra for a layer, logits not [tokens, E], non-finite logits, no tokens,
-      a layout that does not match the params, or router_norm without pretrained params.
+    TypeError, ValueError: Before any work (`validate`), naming the argument: an unknown
+      option; a target outside [1, E]; logits that are not a mapping with one finite,
+      real floating [tokens > 0, E] array per MoE layer; NaN or infinite MoE weights; a
+      layout that does not match the params; a seed that is not an int >= 0; a
+      router_init_std that is not a finite positive number; pretrained params missing
+      for router_norm or given to another method.
 
   Example:
     >>> plan = plan_pruning(params, logits, 8, method="uncurl", seed=0)
     >>> plan.num_experts
     {'layers_0/mlp': 8, 'layers_2/mlp': 8}
   """
+  validate.scalars(seed=seed, router_init_std=router_init_std, num_workers=num_workers,
+                   layout=layout, timings=timings)
+  layers = layout_lib.find_moe_layers(validate.mapping("params", params), layout)
+  stats = validate.expert_stats(logits, layers)
   spec, router = validate.options(method, cluster, router, has_logits=logits is not None,
+                                  has_stats=stats is not None, features_from=features,
                                   has_pretrained=pretrained_params is not None)
-  layers = layout_lib.find_moe_layers(params, layout)
+  validate.finite_weights(layers)
   host_logits = validate.router_logits(logits, layers)
   timings = {} if timings is None else timings
   start = time.perf_counter()
   inputs = methods_lib.MethodInputs(
       layers=layers, targets=validate.targets(num_experts, layers), logits=host_logits,
       frequencies=None if host_logits is None else {
-          name: features.selection_frequencies(h, validate.top_k(top_k, layers))
+          name: features_lib.selection_frequencies(h, validate.top_k(top_k, layers))
           for name, h in host_logits.items()},
       pretrained_router=validate.pretrained_router(pretrained_params, layers, layout),
-      cluster=cluster, seed=seed)
+      stats=stats, cluster=cluster, features=features, seed=seed)
   timings["features"] = time.perf_counter() - start
 
   start = time.perf_counter()
@@ -118,7 +132,9 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
         alignments=alignments[name])
   return PrunePlan(method=method, router=router, layers=layer_plans, seed=seed,
                    router_init_std=float(router_init_std),
-                   cluster=cluster if method == "uncurl" else None, top_k=top_k, layout=layout)
+                   cluster=cluster if method == "uncurl" else None,
+                   features=features if method == "uncurl" else None, top_k=top_k,
+                   layout=layout)
 
 
 def _alignments(layers, groupings, num_workers, timings) -> dict[str, tuple[ExpertAlignment]]:
@@ -149,7 +165,7 @@ def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
   """
   if not isinstance(plan, PrunePlan):
     raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
-  layers = layout_lib.find_moe_layers(params, plan.layout)
+  layers = layout_lib.find_moe_layers(validate.mapping("params", params), plan.layout)
   missing, extra = sorted(set(plan.layers) - set(layers)), sorted(set(layers) - set(plan.layers))
   if missing or extra:
     raise ValueError(f"plan and params disagree on MoE layers: plan layers not in params "
@@ -158,13 +174,32 @@ def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
     if layer_plan.num_experts != layers[name].num_experts:
       raise ValueError(f"plan for {name!r} expects E={layer_plan.num_experts}, params have "
                        f"{layers[name].num_experts}")
+    layer_plan.permutations(layers[name].d_ff)  # checks the permutations' length
+  validate.finite_weights(layers)
   flat = dict(layout_lib.flatten_params(params))
   for name, layer_plan in plan.layers.items():
     prefix = layout_lib.split_path(name)
     for field_name, array in _pruned_layer(layers[name], layer_plan, plan, name).items():
-      flat[prefix + layout_lib.split_path(getattr(plan.layout, field_name))] = array
+      path = prefix + layout_lib.split_path(getattr(plan.layout, field_name))
+      flat[path] = _placed_like(array, flat[path])
   pruned = flax.traverse_util.unflatten_dict(flat)
   return flax.core.freeze(pruned) if isinstance(params, flax.core.FrozenDict) else pruned
+
+
+def _placed_like(new: Any, old: Any) -> Any:
+  """`new` on the devices of `old`: its sharding if the new shape allows, else replicated
+  over the same mesh (numpy stays numpy)."""
+  if not isinstance(old, jax.Array) or not isinstance(new, jax.Array):
+    return new
+  sharding = old.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    try:
+      sharding.shard_shape(new.shape)
+    except ValueError:  # e.g. D experts not divisible by the expert axis
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  elif len(sharding.device_set) > 1 or new.ndim != old.ndim:
+    return new
+  return jax.device_put(new, sharding)
 
 
 def _pruned_layer(weights: layout_lib.MoeLayerWeights, layer_plan: LayerPlan,

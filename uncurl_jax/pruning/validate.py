@@ -1,27 +1,124 @@
 """Checks of the pruning API's arguments: everything is refused before any work.
 
-Each function checks one argument of `plan_pruning` against the MoE layers found in the
-params and returns it in the form the rest of the pipeline uses (numpy float32 logits,
-{layer: int} targets, ...), or raises a ValueError/TypeError that names the argument,
-what was expected and what was given.
+Each check names the argument, what was expected and what was given, and raises a
+TypeError (wrong kind of value) or a ValueError (right kind, wrong value). The argument
+checks of `plan_pruning` return the argument in the form the pipeline uses (numpy
+float32 logits, {layer: int} targets, ...); the scalar checks (`integer`, `real`,
+`choice`) serve `PrunePlan` and the collectors too.
 
 Example:
   >>> layers = layout.find_moe_layers(params)
   >>> targets = validate.targets(8, layers)                 # {'layers_0/mlp': 8, ...}
   >>> logits = validate.router_logits(logits, layers)       # {'layers_0/mlp': [T, E] f32}
+  >>> validate.integer("seed", seed, low=0)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from uncurl_jax.pruning import clustering
+from uncurl_jax.pruning import features
 from uncurl_jax.pruning import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
+
+
+# ------------------------------------------------------------------------------------------
+# Scalars.
+
+
+def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
+  """`value` as an int in [low, high]; bools, floats and strings are refused.
+
+  Example:
+    >>> integer("seed", 3, low=0)
+    3
+  """
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+  value = int(value)
+  if (low is not None and value < low) or (high is not None and value > high):
+    bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+    raise ValueError(f"{name} must be in {bounds}, got {value}")
+  return value
+
+
+def real(name: str, value: Any, *, positive: bool = False) -> float:
+  """`value` as a finite float (> 0 if `positive`); bools and strings are refused."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+  value = float(value)
+  if not math.isfinite(value) or (positive and value <= 0):
+    raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, "
+                     f"got {value}")
+  return value
+
+
+def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+  """`value` if it is one of the strings `allowed`."""
+  if not isinstance(value, str) or value not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+  return value
+
+
+def mapping(name: str, value: Any) -> Mapping:
+  """`value` if it is a mapping (dict, FrozenDict)."""
+  if not isinstance(value, Mapping):
+    raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
+  return value
+
+
+# ------------------------------------------------------------------------------------------
+# Arrays.
+
+
+def float_matrix(name: str, value: Any, *, columns: int | None = None) -> np.ndarray:
+  """A finite, non-empty [rows, columns] array of real floating point, as float32 numpy.
+
+  Refuses ragged nesting, bool/integer/complex/string dtypes, other ranks, no rows and
+  NaN or infinite entries.
+  """
+  try:
+    array = np.asarray(value)
+  except ValueError as error:  # ragged nesting
+    raise ValueError(f"{name} must be a [tokens, E] array, got a ragged sequence") from error
+  if array.dtype == object or not np.issubdtype(array.dtype, np.floating):
+    raise TypeError(f"{name} must hold real floating point numbers, got dtype {array.dtype}")
+  expected = "[tokens, E]" if columns is None else f"[tokens, E={columns}]"
+  if array.ndim != 2 or (columns is not None and array.shape[1] != columns):
+    raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
+  if array.shape[0] == 0:
+    raise ValueError(f"{name} has no tokens")
+  bad = int(np.sum(~np.isfinite(array)))
+  if bad:
+    raise ValueError(f"{name} has {bad} NaN or infinite values")
+  return array.astype(np.float32, copy=False)
+
+
+def finite_weights(layers: Mapping[str, layout_lib.MoeLayerWeights], what: str = "params"
+                   ) -> None:
+  """Raises ValueError naming the first MoE weight with NaN or infinite entries."""
+  for name, weights in layers.items():
+    for field in dataclasses.fields(weights):
+      array = getattr(weights, field.name)
+      if array is None:
+        continue
+      if not bool(jax.device_get(jnp.all(jnp.isfinite(jnp.asarray(array))))):
+        raise ValueError(f"{what}: {field.name} of MoE layer {name!r} has NaN or infinite "
+                         "values")
+
+
+# ------------------------------------------------------------------------------------------
+# The arguments of plan_pruning.
 
 
 def default_num_experts(num_experts: int) -> int:
@@ -34,14 +131,18 @@ def default_num_experts(num_experts: int) -> int:
   return max(1, num_experts // 4) if num_experts <= 32 else num_experts // 2
 
 
-def options(method: str, cluster: str, router: str | None, *, has_logits: bool,
-            has_pretrained: bool) -> tuple[methods_lib.Method, str]:
+def options(method: Any, cluster: Any, router: Any, *, has_logits: bool, has_stats: bool,
+            has_pretrained: bool, features_from: Any = "router_logits"
+            ) -> tuple[methods_lib.Method, str]:
   """The registered method and the router option (its default when `router` is None)."""
   spec = methods_lib.get(method)
-  if cluster not in clustering.CLUSTER_METHODS:
-    raise ValueError(f"cluster must be one of {clustering.CLUSTER_METHODS}, got {cluster!r}")
-  if router is not None and router not in merge_lib.ROUTER_MODES:
-    raise ValueError(f"router must be one of {merge_lib.ROUTER_MODES} or None, got {router!r}")
+  choice("cluster", cluster, clustering.CLUSTER_METHODS)
+  choice("features", features_from, methods_lib.FEATURES)
+  if (spec.needs_stats or features_from == "expert_outputs") and not has_stats:
+    raise ValueError(f"method {method!r} (features={features_from!r}) needs expert statistics: "
+                     "pass the ExpertStats of `collect_expert_stats` instead of router logits")
+  if router is not None:
+    choice("router", router, merge_lib.ROUTER_MODES)
   if spec.needs_pretrained and not has_pretrained:
     raise ValueError(f"method {method!r} needs pretrained_params= (the router before "
                      "finetuning) to measure the change of router-column norms")
@@ -55,28 +156,49 @@ def options(method: str, cluster: str, router: str | None, *, has_logits: bool,
 
 def router_logits(logits: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
                   ) -> dict[str, np.ndarray] | None:
-  """{layer: [tokens, E] float32} with one finite, non-empty entry per MoE layer."""
+  """{layer: [tokens, E] float32} with one finite, non-empty entry per MoE layer.
+
+  The entries may be `ExpertStats` (their `logits` are taken).
+  """
   if logits is None:
     return None
   if not isinstance(logits, Mapping):
-    raise TypeError(f"logits must be a mapping {{layer path: [tokens, E] array}}, got "
-                    f"{type(logits).__name__}")
+    raise TypeError(f"logits must be a mapping {{layer path: [tokens, E] array or "
+                    f"ExpertStats}}, got {type(logits).__name__}")
   missing, extra = sorted(set(layers) - set(logits)), sorted(set(logits) - set(layers))
   if missing or extra:
     raise ValueError(f"logits must have one entry per MoE layer {sorted(layers)}: missing "
                      f"{missing}, extra {extra}")
+  return {name: float_matrix(f"logits[{name!r}]", _logits_of(logits[name]),
+                             columns=weights.num_experts)
+          for name, weights in layers.items()}
+
+
+def _logits_of(value: Any) -> Any:
+  return value.logits if isinstance(value, features.ExpertStats) else value
+
+
+def expert_stats(logits: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
+                 ) -> dict[str, features.ExpertStats] | None:
+  """{layer: ExpertStats} when `logits` holds statistics (checked), else None."""
+  if not isinstance(logits, Mapping) or not any(
+      isinstance(v, features.ExpertStats) for v in logits.values()):
+    return None
   checked = {}
   for name, weights in layers.items():
-    h = np.asarray(logits[name], np.float32)
-    if h.ndim != 2 or h.shape[1] != weights.num_experts:
-      raise ValueError(f"logits[{name!r}] must be [tokens, E={weights.num_experts}], got "
-                       f"shape {h.shape}")
-    if h.shape[0] == 0:
-      raise ValueError(f"logits[{name!r}] has no tokens")
-    if not np.all(np.isfinite(h)):
-      raise ValueError(f"logits[{name!r}] has {int(np.sum(~np.isfinite(h)))} NaN or "
-                       f"infinite values")
-    checked[name] = h
+    stats = logits[name]
+    if not isinstance(stats, features.ExpertStats):
+      raise TypeError(f"logits[{name!r}] must be ExpertStats like the other layers', got "
+                      f"{type(stats).__name__}")
+    e = weights.num_experts
+    shapes = {"top1_counts": (e,), "topk_counts": (e,), "reap": (e,),
+              "mean_output": (e, weights.wi_kernel.shape[1])}
+    for field, shape in shapes.items():
+      value = np.asarray(getattr(stats, field))
+      if value.shape != shape or not np.all(np.isfinite(value)):
+        raise ValueError(f"logits[{name!r}].{field} must be finite with shape {shape}, got "
+                         f"shape {value.shape}")
+    checked[name] = stats
   return checked
 
 
@@ -94,21 +216,20 @@ def targets(num_experts: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
     chosen = {name: num_experts[name] for name in layers}
   else:
     chosen = {name: num_experts for name in layers}
+  checked = {}
   for name, target in chosen.items():
-    e = layers[name].num_experts
-    if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
-      raise TypeError(f"num_experts for layer {name!r} must be an int, got {target!r}")
+    target, e = integer(f"num_experts for layer {name!r}", target), layers[name].num_experts
     if not 1 <= target <= e:
       raise ValueError(f"num_experts for layer {name!r} must be in [1, E={e}], got {target}")
-  return {name: int(target) for name, target in chosen.items()}
+    checked[name] = target
+  return checked
 
 
 def top_k(value: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]) -> int:
   """The router choices counted per token, in [1, E] for every layer."""
-  for name, weights in layers.items():
-    if not 1 <= value <= weights.num_experts:
-      raise ValueError(f"top_k must be in [1, E={weights.num_experts}] (layer {name!r}), "
-                       f"got {value}")
+  value, e = integer("top_k", value), min(w.num_experts for w in layers.values())
+  if not 1 <= value <= e:
+    raise ValueError(f"top_k must be in [1, E={e}], got {value}")
   return value
 
 
@@ -117,7 +238,8 @@ def pretrained_router(pretrained_params: Any, layers: Mapping[str, layout_lib.Mo
   """{layer: [d, E] pretrained router kernel}, shaped like the finetuned one."""
   if pretrained_params is None:
     return None
-  pretrained = layout_lib.find_moe_layers(pretrained_params, layout)
+  pretrained = layout_lib.find_moe_layers(mapping("pretrained_params", pretrained_params),
+                                          layout)
   if set(pretrained) != set(layers):
     raise ValueError(f"pretrained_params has MoE layers {sorted(pretrained)}, params have "
                      f"{sorted(layers)}")
@@ -127,5 +249,20 @@ def pretrained_router(pretrained_params: Any, layers: Mapping[str, layout_lib.Mo
     if kernel.shape != tuple(weights.router_kernel.shape):
       raise ValueError(f"pretrained router of {name!r} has shape {kernel.shape}, finetuned "
                        f"{tuple(weights.router_kernel.shape)}")
+    if not np.all(np.isfinite(kernel)):
+      raise ValueError(f"pretrained_params: the router of {name!r} has NaN or infinite values")
     kernels[name] = kernel
   return kernels
+
+
+def scalars(*, seed: Any, router_init_std: Any, num_workers: Any, layout: Any,
+            timings: Any) -> None:
+  """The scalar keyword arguments of `plan_pruning`."""
+  integer("seed", seed, low=0)
+  real("router_init_std", router_init_std, positive=True)
+  if num_workers is not None:
+    integer("num_workers", num_workers, low=0)
+  if not isinstance(layout, layout_lib.MoeLayout):
+    raise TypeError(f"layout must be a MoeLayout, got {type(layout).__name__}")
+  if timings is not None and not isinstance(timings, dict):
+    raise TypeError(f"timings must be None or a dict, got {type(timings).__name__}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Mapping, Sequence
 
 import jax
@@ -33,6 +34,7 @@ from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import partitioning
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.pruning import validate
 from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
 
@@ -75,10 +77,14 @@ class TrainSettings:
 
   def __post_init__(self):
     for name in ("steps", "batch_size"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"TrainSettings.{name} must be >= 1, got {getattr(self, name)}")
-    if self.learning_rate <= 0:
-      raise ValueError(f"TrainSettings.learning_rate must be > 0, got {self.learning_rate}")
+      validate.integer(f"TrainSettings.{name}", getattr(self, name), low=1)
+    for name in ("warmup_steps", "router_warmup_steps"):
+      validate.integer(f"TrainSettings.{name}", getattr(self, name), low=0)
+    validate.real("TrainSettings.learning_rate", self.learning_rate, positive=True)
+    validate.real("TrainSettings.weight_decay", self.weight_decay)
+    if self.router_warmup_learning_rate is not None:
+      validate.real("TrainSettings.router_warmup_learning_rate",
+                    self.router_warmup_learning_rate, positive=True)
     if not 0 <= self.router_warmup_steps < self.steps:
       raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}), got "
                        f"{self.router_warmup_steps}")
@@ -118,8 +124,7 @@ class Runtime:
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      if getattr(self, field.name) < 1:
-        raise ValueError(f"Runtime.{field.name} must be >= 1, got {getattr(self, field.name)}")
+      validate.integer(f"Runtime.{field.name}", getattr(self, field.name), low=1)
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
@@ -248,6 +253,7 @@ class StudyConfig:
     object.__setattr__(self, "source_experts", tuple(self.source_experts))
     object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
     object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
+    self._check_types()
     if not self.tasks:
       raise ValueError("StudyConfig.tasks is empty; give at least one target task")
     if not self.methods:
@@ -278,6 +284,21 @@ class StudyConfig:
     if any(m.method == PROGRESSIVE_DROPPING for m in self.methods):
       self._check_dropping()
 
+  def _check_types(self):
+    for name, kind in (("model", configs.ModelConfig), ("pretrain", TrainSettings),
+                       ("finetune", TrainSettings), ("runtime", Runtime)):
+      if not isinstance(getattr(self, name), kind):
+        raise TypeError(f"StudyConfig.{name} must be a {kind.__name__}, got "
+                        f"{type(getattr(self, name)).__name__}")
+    if self.prefinetune is not None and not isinstance(self.prefinetune, TrainSettings):
+      raise TypeError("StudyConfig.prefinetune must be a TrainSettings or None")
+    validate.integer("StudyConfig.seed", self.seed, low=0)
+    for name in ("eval_batch_size", "logits_max_tokens", "usage_max_tokens"):
+      validate.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
+    for name in ("eval_batches", "eval_num_examples"):
+      if getattr(self, name) is not None:
+        validate.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
+
   def _check_dropping(self):
     if self.dropping is None:
       raise ValueError("method 'progressive_dropping' needs StudyConfig.dropping")
@@ -306,3 +327,18 @@ class StudyConfig:
 
   def task_metric(self, task: StudyTask) -> str:
     return task.metric or self.metric
+
+  def check_runnable(self) -> None:
+    """Checks what needs the environment, before any stage: the seqio tasks and mixtures
+    are registered and the output paths are directories (or not there yet)."""
+    for settings in (self.pretrain, self.prefinetune):
+      if settings is not None and settings.mixture_or_task_name is not None:
+        pipeline.check_task(settings.mixture_or_task_name, "a training mixture")
+    for task in self.tasks:
+      pipeline.check_task(task.name, "a study task")
+      if task.eval_task is not None:
+        pipeline.check_task(task.eval_task, f"the eval task of {task.name}")
+    for name in ("output_dir", "stages_dir"):
+      path = getattr(self, name)
+      if path is not None and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"StudyConfig.{name}={path!r} is a file, expected a directory")

@@ -128,11 +128,15 @@ def comparison_mark(score: float, reference: float | None, *,
 def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
   """Writes `rows` with the columns `CSV_COLUMNS` (reference/delta for pruned rows).
 
+  The file is written next to `path` and renamed into place, so a killed run never
+  leaves a half-written results.csv.
+
   Example:
     >>> write_csv(rows, "outputs/synthetic/results.csv")
   """
   references = reference_scores(rows)
-  with open(path, "w", newline="") as f:
+  temporary = f"{os.fspath(path)}.tmp"
+  with open(temporary, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     for row in rows:
@@ -147,6 +151,7 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
                                     else row.score_before_finetune),
           "reference_score": "" if reference is None else reference,
           "delta": "" if reference is None else row.score - reference})
+  os.replace(temporary, path)
 
 
 def read_csv(path: str | os.PathLike) -> list[ResultRow]:

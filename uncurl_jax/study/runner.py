@@ -83,6 +83,7 @@ class Study:
   def __init__(self, config: StudyConfig):
     if not isinstance(config, StudyConfig):
       raise TypeError(f"Study needs a StudyConfig, got {type(config).__name__}")
+    config.check_runnable()
     self.config = config
     self.cache = cache_lib.StageCache(config.stages_dir
                                         or os.path.join(config.output_dir, "stages"))

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -41,13 +40,6 @@ PARAMS_DIR = "params"  # a pruned model's params-only checkpoint, inside its sta
 # Params.
 
 
-def init_batch_shape(config: configs.ModelConfig) -> tuple[int, int]:
-  """A (batch, length) whose token count routing groups divide (shapes-only inits)."""
-  length = config.max_length
-  group = config.group_size or length
-  return group // math.gcd(group, length), length
-
-
 def model_config(config: configs.ModelConfig, params: Any) -> configs.ModelConfig:
   """`config` with the expert counts of `params` (per layer when they differ; 0: dense)."""
   return configs.with_expert_counts(config, pruning.expert_counts(params))
@@ -60,7 +52,8 @@ def restore_params(checkpoint_dir: str, *, config: configs.ModelConfig,
   directory = checkpoints.resolve_checkpoint_dir(checkpoint_dir)
   config = model_config(config, checkpoints.params_shapes(directory))
   abstract = state_lib.abstract_params(decoder.SMoEDecoder(config),
-                                       batch_shape=init_batch_shape(config), mesh=mesh)
+                                       batch_shape=state_lib.init_batch_shape(config),
+                                       mesh=mesh)
   return checkpoints.restore_params(directory, abstract_params=abstract)
 
 

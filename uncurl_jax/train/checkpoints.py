@@ -23,14 +23,17 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
 from uncurl_jax.train import step as step_lib
 
 PARAMS, TRAIN_STATE, METADATA = "params", "train_state", "metadata"
+_TEMPORARY_MARK = ".orbax-checkpoint-tmp"
 
 
 def _item_handlers() -> dict[str, ocp.CheckpointHandler]:
@@ -59,6 +62,8 @@ def make_manager(directory: str | os.PathLike, *, keep: int | None = None,
   """
   if keep is not None and keep < 1:
     raise ValueError(f"keep must be None or >= 1, got {keep}")
+  if not read_only:
+    remove_stale_temporaries(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=not read_only, read_only=read_only,
       enable_async_checkpointing=async_save)
@@ -66,6 +71,28 @@ def make_manager(directory: str | os.PathLike, *, keep: int | None = None,
   # callers may pass relative ones.
   return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
                                item_handlers=_item_handlers())
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+  """Removes the '<step>.orbax-checkpoint-tmp*' folders a killed save left in `directory`.
+
+  Orbax renames a step's folder into place only when it is complete, so such a folder
+  is never a checkpoint; it would stay until that step is saved again. Only process 0
+  deletes. Returns the removed folders' names.
+
+  Example:
+    >>> remove_stale_temporaries("/tmp/run/checkpoints")
+    ['300.orbax-checkpoint-tmp-1718']
+  """
+  directory = os.fspath(directory)
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return []
+  stale = sorted(name for name in os.listdir(directory) if _TEMPORARY_MARK in name)
+  for name in stale:
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if stale:
+    logging.info("Removed unfinished checkpoints %s from %s.", stale, directory)
+  return stale
 
 
 def save(manager: ocp.CheckpointManager, state: step_lib.TrainState, *,

@@ -25,6 +25,7 @@ from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
 from uncurl_jax.model import partitioning
+from uncurl_jax.pruning import validate
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
 from uncurl_jax.train import loop
@@ -50,10 +51,35 @@ class TrainResult:
 # Training.
 
 
-def _check_train_args(*, train_steps, batch_size, mesh, config, task_feature_lengths,
-                      checkpoint_every_steps, log_every_steps, eval_every_steps):
-  if train_steps < 1:
-    raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}")
+def check_output_dir(path: object, what: str) -> str:
+  """`path` if it is a string naming a directory or nothing yet (not a file)."""
+  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    raise TypeError(f"{what} must be a path, got {path!r}")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"{what}={os.fspath(path)!r} is a file, expected a directory")
+  return os.fspath(path)
+
+
+def check_checkpoint_path(path: object, what: str) -> str:
+  """`path` if it is an existing directory (a run's MODEL_DIR or a checkpoint root)."""
+  if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
+    raise ValueError(f"{what}={path!r} is not a directory holding checkpoints")
+  return os.fspath(path)
+
+
+def _check_train_args(*, model_dir, train_steps, batch_size, mesh, config, task_feature_lengths,
+                      checkpoint_every_steps, log_every_steps, eval_every_steps, tasks,
+                      init_checkpoint):
+  if not isinstance(config, configs.ModelConfig):
+    raise TypeError(f"model_config must be a ModelConfig, got {type(config).__name__}")
+  check_output_dir(model_dir, "MODEL_DIR")
+  validate.integer("TRAIN_STEPS", train_steps, low=1)
+  validate.integer("BATCH_SIZE", batch_size, low=1)
+  for what, name in tasks.items():
+    if name is not None:
+      pipeline.check_task(name, what)
+  if init_checkpoint is not None:
+    check_checkpoint_path(init_checkpoint, "INITIAL_CHECKPOINT_PATH")
   if batch_size % partitioning.num_batch_shards(mesh):
     raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of the mesh's "
                      f"{partitioning.num_batch_shards(mesh)} batch shards (data x expert)")
@@ -63,8 +89,8 @@ def _check_train_args(*, train_steps, batch_size, mesh, config, task_feature_len
                      f"more than the model's max_length={config.max_length}")
   for name, value in (("checkpoint_every_steps", checkpoint_every_steps),
                       ("log_every_steps", log_every_steps), ("eval_every_steps", eval_every_steps)):
-    if value is not None and value < 1:
-      raise ValueError(f"{name} must be >= 1, got {value}")
+    if value is not None:
+      validate.integer(name, value, low=1)
 
 
 def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_name: str,
@@ -79,7 +105,7 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
           eval_task_feature_lengths: Mapping[str, int] | None = None,
           eval_task_metrics: bool = False, eval_task_examples: int | None = None,
           init_checkpoint: str | None = None, init_checkpoint_step: int | None = None,
-          adapt_experts_to_checkpoint: bool = True, router_warmup_steps: int = 0,
+          adapt_experts_to_checkpoint: bool = False, router_warmup_steps: int = 0,
           router_warmup_learning_rate: float | None = None,
           progressive_dropping: schedules.ProgressiveDropping | None = None) -> TrainResult:
   """Trains (or resumes training) a model and returns the final state and metrics.
@@ -111,17 +137,22 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
     init_checkpoint: Start from this checkpoint's params (a run's MODEL_DIR or a checkpoint
       root such as a pruned model's), with a fresh optimizer at step 0.
     init_checkpoint_step: Its step; None: the newest.
-    adapt_experts_to_checkpoint: Take the init checkpoint's expert count when it differs
-      from NUM_EXPERTS (else raise).
+    adapt_experts_to_checkpoint: Take the init checkpoint's expert counts when they differ
+      from NUM_EXPERTS (finetuning a pruned model; gin/runs/finetune.gin sets it); else a
+      checkpoint of another expert count is refused. Other architecture differences are
+      always refused, and so is a MODEL_DIR holding another model's checkpoints.
     router_warmup_steps: Router-only steps before full training (0: none).
     router_warmup_learning_rate: Peak learning rate of the router-only steps.
     progressive_dropping: Drop experts during training (Chen et al.), or None.
   """
   mesh = partitioning.make_mesh(expert=expert_parallelism, model=model_parallelism)
-  _check_train_args(train_steps=train_steps, batch_size=batch_size, mesh=mesh,
-                    config=model_config, task_feature_lengths=task_feature_lengths,
+  _check_train_args(model_dir=model_dir, train_steps=train_steps, batch_size=batch_size,
+                    mesh=mesh, config=model_config, task_feature_lengths=task_feature_lengths,
                     checkpoint_every_steps=checkpoint_every_steps,
-                    log_every_steps=log_every_steps, eval_every_steps=eval_every_steps)
+                    log_every_steps=log_every_steps, eval_every_steps=eval_every_steps,
+                    tasks={"MIXTURE_OR_TASK_NAME": mixture_or_task_name,
+                           "eval_mixture_or_task_name": eval_mixture_or_task_name},
+                    init_checkpoint=init_checkpoint)
   trainer = trainer_lib.Trainer(
       config=model_config, mesh=mesh,
       batch_shape=(batch_size, pipeline.model_length(task_feature_lengths)),
@@ -234,10 +265,17 @@ def evaluate(*, checkpoint_path: str, model_config: configs.ModelConfig,
     ...          output_dir="/tmp/ft/eval_final")
   """
   mesh = partitioning.make_mesh(expert=expert_parallelism, model=model_parallelism)
-  directory = checkpoints.resolve_checkpoint_dir(checkpoint_path)
+  pipeline.check_task(mixture_or_task_name)
+  validate.integer("BATCH_SIZE", batch_size, low=1)
+  check_output_dir(output_dir, "EVAL_OUTPUT_DIR")
+  directory = checkpoints.resolve_checkpoint_dir(
+      check_checkpoint_path(checkpoint_path, "CHECKPOINT_PATH"))
   step = checkpoints.resolve_step(directory, step=checkpoint_step)
-  config = trainer_lib.config_for_params(
-      model_config, checkpoints.params_shapes(directory, step=step), adapt=True)
+  shapes = checkpoints.params_shapes(directory, step=step)
+  config = trainer_lib.config_for_params(model_config, shapes, adapt=True)
+  trainer_lib.check_architecture(config, shapes, f"the checkpoint {directory} (step {step})",
+                                 checkpoints.read_metadata(directory, step=step).get(
+                                     "model_config"))
   model = decoder.SMoEDecoder(config)
   target = state_lib.abstract_params(
       model, batch_shape=(batch_size, pipeline.model_length(task_feature_lengths)), mesh=mesh)

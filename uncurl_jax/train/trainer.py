@@ -18,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 from absl import logging
+import flax
 import jax
 from jax.sharding import Mesh
 import optax
@@ -73,6 +75,39 @@ def config_for_params(config: configs.ModelConfig, params: Any, *,
   return wanted
 
 
+def check_architecture(config: configs.ModelConfig, params: Any, what: str,
+                       saved_config: dict | None = None) -> None:
+  """Raises ValueError unless `params` (or shapes) are those of `config`'s model.
+
+  Names the differing architecture fields of the checkpoint's saved config when there is
+  one, and the differing parameter shapes otherwise.
+  """
+  if saved_config is not None:
+    differing = [f"{name} {saved_config[name]!r} (config: {getattr(config, name)!r})"
+                 for name in configs.ARCHITECTURE_FIELDS if name in saved_config
+                 and _normalized(saved_config[name]) != _normalized(getattr(config, name))]
+    if differing:
+      raise ValueError(f"{what} is of another model: {', '.join(differing)}")
+  want = _param_shapes(config)
+  have = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params).items()}
+  differing = [f"{'/'.join(k)} {have.get(k)} (model: {want.get(k)})"
+               for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
+  if differing:
+    raise ValueError(f"{what} is of another model: {len(differing)} parameters differ, e.g. "
+                     f"{'; '.join(differing[:3])}")
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(config: configs.ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  shapes = partitioning.abstract_variables(decoder.SMoEDecoder(config),
+                                           state_lib.init_batch_shape(config))["params"]
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
+
+
+def _normalized(value: Any) -> Any:
+  return tuple(value) if isinstance(value, list) else value
+
+
 class Trainer:
   """Builds and caches a `Variant` per (model config, phase); moves states between them.
 
@@ -87,15 +122,15 @@ class Trainer:
     router_warmup_learning_rate: Peak learning rate of the router-only phase; None keeps
       the optimizer's.
     dropping: Progressive expert dropping, or None.
-    adapt_experts_to_checkpoint: Let an init checkpoint's expert counts replace the
-      config's (else a mismatch raises).
+    adapt_experts_to_checkpoint: Let the initial params' expert counts (an init
+      checkpoint's, a pruned model's) replace the config's; else a mismatch raises.
   """
 
   def __init__(self, *, config: configs.ModelConfig, mesh: Mesh, batch_shape: tuple[int, int],
                phases: Sequence[schedules.TrainingPhase], make_optimizer: Callable[..., Any],
                router_warmup_learning_rate: float | None = None,
                dropping: schedules.ProgressiveDropping | None = None,
-               adapt_experts_to_checkpoint: bool = True):
+               adapt_experts_to_checkpoint: bool = False):
     self.config, self.mesh, self.batch_shape = config, mesh, batch_shape
     self.phases, self.dropping = tuple(phases), dropping
     self._make_optimizer = make_optimizer
@@ -155,25 +190,26 @@ class Trainer:
        (a run's MODEL_DIR or a checkpoint root), with a fresh optimizer at step 0;
     3. a random initialization from `rng`.
 
-    The run's config takes the expert counts of the starting params (a pruned model),
-    resumed or not: the dropping schedule counts from them.
+    A checkpoint of another model is refused with a ValueError naming what differs. The
+    run's config takes the expert counts of the starting params only when
+    `adapt_experts_to_checkpoint` was given (finetuning a pruned model); resumed or not,
+    the dropping schedule counts from them.
     """
     if init_checkpoint is not None and init_params is not None:
       raise ValueError("give init_checkpoint or init_params, not both")
     directory = None
     if init_checkpoint is not None:
       directory = checkpoints.resolve_checkpoint_dir(init_checkpoint)
-      self._adapt_config(checkpoints.params_shapes(directory, step=init_checkpoint_step))
+      step = checkpoints.resolve_step(directory, step=init_checkpoint_step)
+      self._adapt_config(checkpoints.params_shapes(directory, step=step),
+                         f"the init checkpoint {directory} (step {step})",
+                         checkpoints.read_metadata(directory, step=step).get("model_config"))
     elif init_params is not None:
-      self._adapt_config(init_params)
+      self._adapt_config(init_params, "the initial params")
     self._check_config()
     latest = checkpoints.latest_step(manager)
     if latest is not None:
-      shapes = checkpoints.params_shapes(manager.directory, step=latest)
-      variant = self.variant(config_for_params(self.config, shapes, adapt=True),
-                             schedules.checkpoint_phase_index(self.phases, latest))
-      logging.info("Resuming from %s at step %d.", manager.directory, latest)
-      return checkpoints.restore_state(manager, abstract_state=variant.layout.abstract, step=latest)
+      return self._resume(manager, latest)
     variant = self.variant(self.config, 0)
     if directory is not None:
       logging.info("Initializing params from %s.", directory)
@@ -185,12 +221,40 @@ class Trainer:
     return state_lib.init_state(variant.model, variant.tx, rng=rng,
                                 batch_shape=self.batch_shape, layout=variant.layout)
 
-  def _adapt_config(self, params: Any) -> None:
-    adapted = config_for_params(self.config, params, adapt=self._adapt)
+  def _adapt_config(self, params: Any, what: str, saved_config: dict | None = None) -> None:
+    """Takes the expert counts of `params` if allowed; refuses other architectures."""
+    adapted = config_for_params(self.config, params, adapt=True)
+    if adapted != self.config and not self._adapt:
+      raise ValueError(
+          f"{what} has {adapted.layer_num_experts or adapted.num_experts} experts per MoE "
+          f"layer, the model config {self.config.layer_num_experts or self.config.num_experts}; "
+          "set NUM_EXPERTS to match, or adapt_experts_to_checkpoint=True to take the "
+          "checkpoint's counts (finetuning a pruned model)")
+    check_architecture(adapted, params, what, saved_config)
     if adapted != self.config:
-      logging.info("The initial params have %s experts per MoE layer (config: %d).",
+      logging.info("%s has %s experts per MoE layer (config: %d).", what,
                    adapted.layer_num_experts or adapted.num_experts, self.config.num_experts)
     self.config = adapted
+
+  def _resume(self, manager: ocp.CheckpointManager, step: int) -> step_lib.TrainState:
+    """Restores the run's newest checkpoint, refusing one of another model."""
+    expected = self.config
+    if self.dropping is not None and step > 0:  # the drops up to the last trained step
+      expected = configs.with_expert_counts(
+          expected, self.dropping.experts_at(step - 1, num_experts=self.config.num_experts))
+    what = f"the checkpoint of step {step} in {manager.directory}"
+    shapes = checkpoints.params_shapes(manager.directory, step=step)
+    counts = pruning.expert_counts(shapes)
+    if configs.with_expert_counts(expected, counts) != expected:
+      raise ValueError(f"{what} has {tuple(counts.values())} experts per MoE layer, this run "
+                       f"expects {expected.layer_num_experts or expected.num_experts} at that "
+                       "step: it is another model's checkpoint; use another MODEL_DIR or the "
+                       "model it was trained with")
+    check_architecture(expected, shapes, what, checkpoints.read_metadata(
+        manager.directory, step=step).get("model_config"))
+    variant = self.variant(expected, schedules.checkpoint_phase_index(self.phases, step))
+    logging.info("Resuming from %s at step %d.", manager.directory, step)
+    return checkpoints.restore_state(manager, abstract_state=variant.layout.abstract, step=step)
 
   def _check_config(self) -> None:
     if self.config.num_experts == 0 and any(p.trainable is not None for p in self.phases):
