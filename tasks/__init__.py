@@ -8,6 +8,8 @@
 - Synthetic corpus (no download): `synthetic_lm[_<domain>]`,
   `synthetic_<task>` (+ `_rank`), mixtures `synthetic_tasks`,
   `synthetic_tasks_rank`, `synthetic_prefinetune`                     -> `synthetic.py`
+- The world of memorized facts (the study's default, its own token ids):
+  `facts_pretrain`, `facts_task`                                      -> `facts.py`
 
 The vocabulary is `seqio.ByteVocabulary()` unless $UNCURL_SENTENCEPIECE_MODEL names
 a SentencePiece model; `register_all_tasks(vocabulary)` re-registers every task
@@ -25,6 +27,7 @@ from __future__ import annotations
 import seqio
 
 from uncurl_jax.tasks import c4
+from uncurl_jax.tasks import facts
 from uncurl_jax.tasks import flan
 from uncurl_jax.tasks import superglue
 from uncurl_jax.tasks import synthetic
@@ -50,6 +53,7 @@ def register_all_tasks(vocabulary: seqio.Vocabulary | None = None) -> list[str]:
   names += superglue.register(vocabulary)
   names += flan.register(vocabulary)  # after c4: its mixture holds the C4 share
   names += synthetic.register(vocabulary)
+  names += facts.register()  # its own vocabulary: the world's token ids
   return names
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
@@ -42,6 +43,9 @@ from absl import logging
 import gin
 import jax
 
+# TensorFlow's C++ INFO and WARNING lines (it is imported later, by the data pipeline).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, applied after the files.")
@@ -52,6 +56,8 @@ flags.DEFINE_integer("process_index", None, "Multi-host: index of this process."
 flags.DEFINE_boolean("multiprocess", False,
                      "Multi-host with the cluster detected by jax.distributed.initialize().")
 flags.DEFINE_boolean("debug", False, "Show the full traceback of an error (else one message).")
+flags.DEFINE_boolean("verbose", False, "Show the INFO logs of absl, orbax, jax and TensorFlow "
+                     "(else warnings and errors only, besides the progress).")
 
 # What a user's mistake raises: a short message and exit code 2 (`--debug`: traceback).
 USER_ERRORS = (ValueError, TypeError, SyntaxError, OSError, KeyError, app.UsageError)
@@ -99,6 +105,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     return FLAGS(rewrite_gin_args(argv))
   except flags.Error as error:
     _exit_with_message(argv[0] if argv else "uncurl_jax", f"{error}; see --helpfull")
+
+
+def set_up_logging(*, verbose: bool) -> None:
+  """INFO logs of absl (and so orbax), jax and TensorFlow when `verbose`, else warnings."""
+  level = logging.INFO if verbose else logging.WARNING
+  logging.set_verbosity(level)
+  for name in ("jax", "orbax", "tensorflow", "absl"):
+    std_logging.getLogger(name).setLevel(std_logging.INFO if verbose else std_logging.WARNING)
 
 
 def _exit_with_message(program: str, message: str) -> None:
@@ -264,6 +278,7 @@ class Command:
     try:
       if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+      set_up_logging(verbose=FLAGS.verbose)
       initialize_distributed(coordinator_address=FLAGS.coordinator_address,
                              process_count=FLAGS.process_count,
                              process_index=FLAGS.process_index, auto=FLAGS.multiprocess)

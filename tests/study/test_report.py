@@ -2,12 +2,14 @@
 
 import csv
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 
 from uncurl_jax.study import plots
 from uncurl_jax.study import report
+from uncurl_jax.study import statistics
 from uncurl_jax.study.report import ResultRow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,55 +51,92 @@ def test_csv_has_the_columns_and_the_comparison_with_the_same_size_model(tmp_pat
   assert dense["reference_score"] == dense["delta"] == dense["pruning_factor"] == ""
 
 
-def test_markdown_table_is_shaped_like_the_papers_with_marks():
-  table = report.markdown_table(_rows())
-  lines = table.splitlines()
-  assert lines[0] == "| model | rte | copa |"
-  assert lines[1] == "|---|---|---|"
-  assert lines[2:] == [
-      "| dense | 60.00 | 55.00 |",
-      "| +8e | 62.00 | 58.00 |",
-      "| +32e | 66.00 | 59.00 |",
-      "| 32->8 uncurl (reinit) | 63.50+ | 57.00- |",
-      "| 32->8 frequency | 61.00- | 58.50+ |",
-      "| 32->8 random | 62.00= | 50.00- |",
-  ]
+def _seeds(rows, shifts):
+  """Copies of `rows` for seeds 1, 2, ...: every score moved by `shifts[seed][model]`."""
+  out = list(rows)
+  for seed, shift in enumerate(shifts, start=1):
+    out += [dataclasses.replace(r, seed=seed, score=r.score + shift.get(r.model, 0.0))
+            for r in rows]
+  return out
 
 
-def test_csv_reads_back_and_seed_spread_is_mean_and_sample_std(tmp_path):
+def test_markdown_table_gives_mean_and_standard_error_and_calls_only_clear_differences():
+  # Three seeds; uncurl's lead over +8e on rte is steady (called +), frequency's
+  # deficit on rte is steady (called -); on copa the differences swing with the seed.
+  rows = _seeds(_rows(), [{"32->8 frequency": 0.5, "+8e": 0.2, "32->8 random": 3.0},
+                          {"32->8 uncurl (reinit)": 0.4, "+8e": 0.1, "32->8 random": -4.0}])
+  lines = report.markdown_table(rows).splitlines()
+  assert lines[0] == "| model | rte | copa |" and lines[1] == "|---|---|---|"
+  assert lines[2] == "| dense | 60.00 ± 0.00 | 55.00 ± 0.00 |"
+  # rte: 63.5, 63.5, 63.9 against 62.0, 62.2, 62.1 -> +1.53 ± 0.15: called.
+  assert lines[5].startswith("| 32->8 uncurl (reinit) | 63.63 ± 0.13+ | 57.13 ± 0.13-")
+  assert lines[6].startswith("| 32->8 frequency | 61.17 ± 0.17- |")
+  # random on rte: 0.0, +2.8, -4.1 against +8e -> no call.
+  assert lines[7].startswith("| 32->8 random | 61.67 ± 2.03 |")
+
+
+def test_one_seed_gets_no_marks_without_items_and_item_level_marks_with_them():
   rows = _rows()
-  report.write_csv(rows, tmp_path / "seed0.csv")
-  assert report.read_csv(tmp_path / "seed0.csv") == rows
-  other = [dataclasses.replace(r, score=r.score + 2.0, seed=1) for r in rows]
-  table = report.spread_table(rows + other).splitlines()
-  assert table[0] == "| model | rte | copa |"
-  # rte: 63.5 and 65.5 -> mean 64.5, sample std sqrt(2) = 1.41.
-  assert table[5] == "| 32->8 uncurl (reinit) | 64.50 ± 1.41 (2) | 58.00 ± 1.41 (2) |"
-  before = report.spread_table(rows, before_finetune=True).splitlines()
-  assert before[2] == "| 32->8 uncurl (reinit) | 53.50 ± 0.00 (1) | 47.00 ± 0.00 (1) |"
-  # Paired: both seeds are 2 points higher, so differences to +8e have no spread.
-  paired = report.spread_table(rows + other, relative_to="+8e").splitlines()
-  assert paired[3] == "| +8e | 0.00 ± 0.00 (2) | 0.00 ± 0.00 (2) |"
-  assert paired[5] == "| 32->8 uncurl (reinit) | 1.50 ± 0.00 (2) | -1.00 ± 0.00 (2) |"
-  with pytest.raises(ValueError, match="not a model"):
-    report.spread_table(rows, relative_to="+64e")
+  assert report.markdown_table(rows).splitlines()[5] == "| 32->8 uncurl (reinit) | 63.50 | 57.00 |"
+  rng = np.random.default_rng(0)
+  base = rng.random(2000) < 0.62
+  better = base | (rng.random(2000) < 0.05)            # a few more items right
+  items = {("rte", "+8e", 0): base, ("rte", "32->8 uncurl (reinit)", 0): better}
+  line = report.markdown_table(rows, items=items).splitlines()[5]
+  assert line.startswith("| 32->8 uncurl (reinit) | 63.50+ |")
+  difference = statistics.paired_difference(rows, "32->8 uncurl (reinit)", "+8e", task="rte",
+                                            items=items)
+  assert difference.unit == "items" and difference.n == 2000 and difference.mean == 1.5
 
 
-def test_markdown_marks_flip_for_losses_and_before_finetune_has_no_marks():
-  rows = [ResultRow("lm", "scratch", 8, score=1.5),
-          ResultRow("lm", "pruned", 8, source_experts=32, method="uncurl", score=1.2,
-                    score_before_finetune=2.0)]
-  assert report.markdown_table(rows, lower_is_better=True).splitlines()[-1] == (
-      "| 32->8 uncurl | 1.20+ |")
-  assert report.markdown_table(rows).splitlines()[-1] == "| 32->8 uncurl | 1.20- |"
+def test_csv_reads_back_with_the_secondary_score(tmp_path):
+  rows = [dataclasses.replace(r, secondary=r.score - 3.0) for r in _rows()]
+  report.write_csv(rows, tmp_path / "results.csv")
+  assert report.read_csv(tmp_path / "results.csv") == rows
+
+
+def test_marks_flip_for_losses_and_before_finetune_has_no_marks():
+  rows = _seeds([ResultRow("lm", "scratch", 8, score=1.5),
+                 ResultRow("lm", "pruned", 8, source_experts=32, method="uncurl", score=1.2,
+                           score_before_finetune=2.0)],
+                [{"+8e": 0.01}, {"+8e": -0.02}])
+  assert report.markdown_table(rows, lower_is_better=True).splitlines()[-1].endswith("+ |")
+  assert report.markdown_table(rows).splitlines()[-1].endswith("- |")
   before = report.markdown_table(rows, before_finetune=True, digits=1).splitlines()
-  assert before[2:] == ["| 32->8 uncurl | 2.0 |"]  # references have no before-score
+  assert before[2:] == ["| 32->8 uncurl | 2.0 ± 0.0 |"]  # references have no before-score
 
 
 def test_pruned_rows_without_a_same_size_reference_get_no_mark():
-  rows = [ResultRow("t", "scratch", 8, score=1.0),
-          ResultRow("t", "pruned", 16, source_experts=32, method="frequency", score=2.0)]
-  assert report.markdown_table(rows).splitlines()[-1] == "| 32->16 frequency | 2.00 |"
+  rows = _seeds([ResultRow("t", "scratch", 8, score=1.0),
+                 ResultRow("t", "pruned", 16, source_experts=32, method="frequency",
+                           score=2.0)], [{}])
+  assert report.markdown_table(rows).splitlines()[-1] == "| 32->16 frequency | 2.00 ± 0.00 |"
+
+
+def test_standard_error_and_paired_differences_against_numpy():
+  estimate = statistics.mean_se([1.0, 2.0, 4.0])
+  assert estimate.mean == pytest.approx(7 / 3)
+  assert estimate.se == pytest.approx(np.std([1, 2, 4], ddof=1) / np.sqrt(3))
+  assert math.isnan(statistics.mean_se([3.0]).se) and statistics.mean_se([3.0]).called == ""
+  rows = _seeds(_rows(), [{"+8e": 1.0}, {"+8e": 2.0}])
+  difference = statistics.paired_difference(rows, "32->8 frequency", "+8e", task="rte")
+  np.testing.assert_allclose(difference.mean, np.mean([-1.0, -2.0, -3.0]))
+  np.testing.assert_allclose(difference.se, 1.0 / np.sqrt(3))
+  assert difference.called == "-"          # 2 / 0.577 > 2
+  assert statistics.paired_difference(rows, "32->8 frequency", "+64e", task="rte") is None
+
+
+def test_findings_say_holds_does_not_hold_or_cannot_tell():
+  rows = _seeds(_rows(), [{"+32e": 0.5, "32->8 uncurl (reinit)": 0.3},
+                          {"+32e": -0.4, "32->8 uncurl (reinit)": 0.1}])
+  verdicts = [f.verdict for f in statistics.findings(rows, pairs=[(32, 8)])
+              if f.claim.startswith("[rte]")]
+  # more experts help (66 vs 62, steady); UNCURL keeps the benefit (63.5 vs 62); it beats
+  # frequency (61.0; frequency_merge is absent); the threshold needs a sweep.
+  assert verdicts == ["holds", "holds", "holds", "cannot tell"]
+  copa = [f for f in statistics.findings(rows, pairs=[(32, 8)]) if f.claim.startswith("[copa]")]
+  assert copa[1].verdict == "does not hold"                         # 57 vs 58, steady
+  assert "32->8 uncurl (reinit) - +8e: -0.87 ± 0.09 (seeds 3)" in copa[1].evidence
 
 
 def test_result_row_validation():

@@ -82,7 +82,8 @@ def test_interrupted_stage_resumes_from_its_checkpoint(runs):
   events = runs["resumed"]["events"]
   assert events[0] == ("pretrain-e2", Status.RESUMED)
   assert all(status == Status.RAN for _, status in events[1:])
-  stage = study_lib.Study(_config(runs["output_dir"])).pretrained(2)
+  study = study_lib.Study(_config(runs["output_dir"]))
+  stage = study.finished(study.pretrained(2, seed=0))
   # Training continued at step 3 from the step-2 checkpoint and ran to the end.
   assert stage.result["first_step"] == 3 and stage.result["steps"] == 4
 
@@ -122,10 +123,11 @@ def test_added_method_runs_only_its_stages(runs):
 def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
   """The 'frequency' row's pre-finetuning score, recomputed from the library functions."""
   study = study_lib.Study(_config(runs["output_dir"]))
-  base = study.pretrained(4)
-  logits = study_stages.load_logits(study.router_logits(study_config.StudyTask(TASK), base, 4)
-                                    .path("logits.npz"))
-  small = pruning.prune_params(study.params(base), logits, 2, method="frequency", seed=0)
+  base = study.pretrained(4, seed=0)
+  stats = study.task_stats(study_config.StudyTask(TASK), base, 4, seed=0)
+  assert study.finished(stats).status == Status.SKIPPED
+  stats = study_stages.load_stats(os.path.join(stats.directory, study_stages.STATS_FILE))
+  small = pruning.prune_params(study.params(base), stats, 2, method="frequency", seed=0)
   config = dataclasses.replace(study.config.model, num_experts=2)
   scorer = study_stages.LossScorer(task=TASK, task_feature_lengths={"targets": 32}, pack=True,
                                    batch_size=8, max_batches=1, mesh=study.config.runtime.mesh)
@@ -140,13 +142,12 @@ def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
   config = _config(runs["output_dir"])
   study = study_lib.Study(config)
   task = study_config.StudyTask(TASK)
-  base = study.pretrained(2)
-  pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), 4, 2,
-                        base=study.pretrained(4), logits=study.router_logits(
-                            task, study.pretrained(4), 4), source_finetuned=None)
-  finetuned = study.finetuned(task, pruned, "uncurl-reinit-e4to2", num_experts=2,
-                              router_warmup=True)
-  assert {base.status, pruned.status, finetuned.status} == {Status.SKIPPED}
+  base = study.pretrained(2, seed=0)
+  source = study.pretrained(4, seed=0)
+  pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), (4, 2), 0,
+                        source=source, stats=study.task_stats(task, source, 4, seed=0))
+  finetuned = study.finetuned(task, pruned, "uncurl-reinit-e4to2", num_experts=2, seed=0)
+  assert {study.finished(s).status for s in (base, pruned, finetuned)} == {Status.SKIPPED}
   model = dataclasses.replace(config.model, num_experts=2)
   common = dict(model_config=model, batch_size=8, train_steps=4, seed=0, data_seed=0,
                 eval_split=None, checkpoint_every_steps=100, async_checkpointing=False)
@@ -159,7 +160,8 @@ def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
     tuned = train_lib.train(
         model_dir=str(tmp_path / "finetune"), mixture_or_task_name=TASK,
         task_feature_lengths={"targets": 32}, make_optimizer=config.finetune.make_optimizer(),
-        init_checkpoint=pruned.path(pruned.result["checkpoint"]), router_warmup_steps=1,
+        init_checkpoint=study.finished(pruned).path(study.finished(pruned).result["checkpoint"]),
+        router_warmup_steps=1,
         router_warmup_learning_rate=1e-2, **common)
   for expected, stage in ((pretrained.state.params, base), (tuned.state.params, finetuned)):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected),

@@ -128,6 +128,31 @@ class Stage:
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 
+@dataclasses.dataclass(eq=False)
+class StageSpec:
+  """A planned stage: everything `StageCache.run_spec` needs, known before anything runs.
+
+  Attributes:
+    name: The stage's name.
+    config: The settings that determine its output.
+    work: directory -> JSON-like result (may read the outputs of `inputs`).
+    inputs: The specs whose outputs `work` reads (their keys enter this one's).
+    key: Hex digest of name, config and the inputs' keys.
+    directory: Where its outputs go.
+    cost: Estimated work, in the study's units (for progress and ETA).
+    kind: What it does ("train", "stats", "prune", "score").
+  """
+
+  name: str
+  config: Mapping[str, Any]
+  work: Callable[[str], Any]
+  inputs: tuple["StageSpec", ...]
+  key: str
+  directory: str
+  cost: float = 1.0
+  kind: str = "stage"
+
+
 class StageCache:
   """Runs stages at most once per configuration (see the module docstring).
 
@@ -144,7 +169,8 @@ class StageCache:
     self.events: list[tuple[str, Status]] = []
     self.stages: list[Stage] = []
 
-  def key(self, name: str, config: Mapping[str, Any], depends_on: Sequence[Stage] = ()) -> str:
+  def key(self, name: str, config: Mapping[str, Any],
+          depends_on: Sequence[Stage | StageSpec] = ()) -> str:
     """The key of stage `name` with `config` reading from the stages `depends_on`."""
     if not isinstance(name, str) or not _NAME_PATTERN.match(name):
       raise ValueError(f"stage name must be a non-empty string of letters, digits and "
@@ -152,13 +178,34 @@ class StageCache:
     if not isinstance(config, Mapping):
       raise TypeError(f"stage config must be a mapping, got {type(config).__name__}")
     for stage in depends_on:
-      if not isinstance(stage, Stage):
+      if not isinstance(stage, (Stage, StageSpec)):
         raise TypeError(f"depends_on must hold Stages, got {type(stage).__name__}")
     return config_key({"stage": name, "config": config,
                        "inputs": {s.name: s.key for s in depends_on}})
 
   def directory(self, name: str, key: str) -> str:
     return os.path.join(self.root, f"{name}-{key[:KEY_LENGTH]}")
+
+  def plan(self, name: str, config: Mapping[str, Any], work: Callable[[str], Any], *,
+           inputs: Sequence[StageSpec] = (), cost: float = 1.0,
+           kind: str = "stage") -> StageSpec:
+    """A `StageSpec` of stage `name` (nothing runs; see `run_spec`).
+
+    Example:
+      >>> spec = cache.plan("pretrain-e32", {"steps": 300}, train_fn, cost=300, kind="train")
+      >>> cache.is_done(spec), cache.run_spec(spec).result
+    """
+    key = self.key(name, config, inputs)
+    return StageSpec(name, config, work, tuple(inputs), key, self.directory(name, key), cost,
+                     kind)
+
+  def is_done(self, spec: StageSpec) -> bool:
+    """Whether the stage finished in an earlier run (its result is cached)."""
+    return os.path.exists(os.path.join(spec.directory, RESULT_FILE))
+
+  def run_spec(self, spec: StageSpec) -> Stage:
+    """Runs a planned stage (or reads its cached result), like `run`."""
+    return self.run(spec.name, spec.config, spec.work, depends_on=spec.inputs)
 
   def run(self, name: str, config: Mapping[str, Any], fn: Callable[[str], Any], *,
           depends_on: Sequence[Stage] = ()) -> Stage:

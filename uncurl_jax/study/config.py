@@ -133,30 +133,46 @@ class Runtime:
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-  """One pruning method of the study, written "method" or "method:router".
+  """One pruning method of the study, written "method[:router[:features]]".
+
+  `features` is what "uncurl" clusters on ("expert_outputs"; default: router logits).
 
   Example:
     >>> MethodSpec.parse("uncurl:merge")
-    MethodSpec(method='uncurl', router='merge')
+    MethodSpec(method='uncurl', router='merge', features=None)
+    >>> MethodSpec.parse("uncurl:anchor:expert_outputs").slug
+    'uncurl-anchor-expert_outputs'
   """
 
   method: str
   router: str | None = None
+  features: str | None = None
 
   @classmethod
   def parse(cls, text: str) -> MethodSpec:
-    method, _, router = str(text).partition(":")
+    parts = str(text).split(":")
+    method, router, features = (parts + [None, None])[:3]
     known = pruning_methods.names() + (PROGRESSIVE_DROPPING,)
-    if method not in known:
-      raise ValueError(f"unknown method {method!r} in {text!r}; expected one of {known}")
+    if method not in known or len(parts) > 3:
+      raise ValueError(f"unknown method {method!r} in {text!r}; expected one of {known}, "
+                       "written 'method[:router[:features]]'")
     if router and (router not in pruning.ROUTER_MODES or method == PROGRESSIVE_DROPPING):
       raise ValueError(f"router option {router!r} in {text!r}: expected one of "
                        f"{pruning.ROUTER_MODES} after a pruning method")
-    return cls(method, router or None)
+    if features and (features not in pruning_methods.FEATURES or method != "uncurl"):
+      raise ValueError(f"features {features!r} in {text!r}: expected one of "
+                       f"{pruning_methods.FEATURES} after 'uncurl:<router>'")
+    return cls(method, router or None, features or None)
 
   @property
   def slug(self) -> str:
-    return self.method if self.router is None else f"{self.method}-{self.router}"
+    return "-".join(part for part in (self.method, self.router, self.features) if part)
+
+  @property
+  def label(self) -> str:
+    """The row label's method part: 'uncurl (merge)', 'uncurl (anchor, expert_outputs)'."""
+    options = ", ".join(part for part in (self.router, self.features) if part)
+    return f"{self.method} ({options})" if options else self.method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +226,15 @@ class StudyConfig:
     finetune_steps: Per-task finetuning steps ({task name: steps}, e.g. 50 epochs),
       overriding `finetune.steps`; its learning-rate warm-up is capped to fit.
     dropping: Progressive dropping schedule; its `target_experts` is set to each D.
-    seed: Seed of initialization, data order, clustering and re-initialized routers.
+    seeds: Seeds of initialization, data order, clustering and re-initialized routers;
+      every model and arm is run once per seed, and the report gives means and standard
+      errors over them.
+    router_norm_probe_fraction: `router_norm` needs a finetuned router: it finetunes the
+      source for this fraction of the full-parameter steps, prunes, and finetunes the
+      pruned model for the rest, so its budget equals every other arm's.
+    score_dropless: Score with no token dropped for capacity (the task's few topics
+      overload their experts at the evaluation capacity factor); the score at the model's
+      evaluation capacity is reported too, as '<metric>_at_capacity'.
     stages_dir: Stage cache root (None: `output_dir/stages`); studies that share it share
       the stages they have in common.
     metric: Score of the table; `lower_is_better` flips the +/- marks.
@@ -236,7 +260,9 @@ class StudyConfig:
   dense_reference: bool = True
   finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
   dropping: schedules.ProgressiveDropping | None = None
-  seed: int = 0
+  seeds: Sequence[int] = (0,)
+  router_norm_probe_fraction: float = 0.5
+  score_dropless: bool = False
   stages_dir: str | None = None
   metric: str = "accuracy"
   lower_is_better: bool = False
@@ -253,6 +279,7 @@ class StudyConfig:
     object.__setattr__(self, "source_experts", tuple(self.source_experts))
     object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
     object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
+    object.__setattr__(self, "seeds", tuple(self.seeds))
     self._check_types()
     if not self.tasks:
       raise ValueError("StudyConfig.tasks is empty; give at least one target task")
@@ -292,7 +319,14 @@ class StudyConfig:
                         f"{type(getattr(self, name)).__name__}")
     if self.prefinetune is not None and not isinstance(self.prefinetune, TrainSettings):
       raise TypeError("StudyConfig.prefinetune must be a TrainSettings or None")
-    validate.integer("StudyConfig.seed", self.seed, low=0)
+    if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+      raise ValueError(f"StudyConfig.seeds must be distinct seeds, got {list(self.seeds)}")
+    for seed in self.seeds:
+      validate.integer("StudyConfig.seeds[i]", seed, low=0)
+    if not 0.0 < validate.real("StudyConfig.router_norm_probe_fraction",
+                               self.router_norm_probe_fraction) < 1.0:
+      raise ValueError(f"StudyConfig.router_norm_probe_fraction must be in (0, 1), got "
+                       f"{self.router_norm_probe_fraction}")
     for name in ("eval_batch_size", "logits_max_tokens", "usage_max_tokens"):
       validate.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
     for name in ("eval_batches", "eval_num_examples"):

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Mapping, Sequence
 
@@ -19,9 +20,9 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
+from uncurl_jax.study import statistics
 from uncurl_jax.study.report import ResultRow
 from uncurl_jax.study.report import ordered_models
-from uncurl_jax.study.report import reference_scores
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
@@ -33,69 +34,85 @@ def _task_axes(figure: Figure, count: int):
   return [figure.add_subplot(1, count, i + 1) for i in range(count)]
 
 
+def _estimate_or_nan(summary, key) -> tuple[float, float]:
+  estimate = summary.get(key)
+  if estimate is None:
+    return math.nan, math.nan
+  return estimate.mean, (estimate.se if math.isfinite(estimate.se) else 0.0)
+
+
 def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
-  """Horizontal bars: the score of every model per task; dashed lines mark the
-  same-size model from scratch of each pruned size.
+  """Horizontal bars: every model's mean score per task with its standard error over
+  seeds; dashed lines mark the same-size models from scratch.
 
   Example:
     >>> plot_scores(rows, "outputs/synthetic/scores.png")
   """
   tasks = list(dict.fromkeys(row.task for row in rows))
   models = ordered_models(rows)
+  summary = statistics.summarize(rows)
+  kinds = {row.model: row.kind for row in rows}
   figure = Figure(figsize=(4.5 * len(tasks), 0.35 * len(models) + 1.5))
   colors = {"dense": "0.6", "scratch": "tab:gray", "pruned": "tab:blue"}
-  references = reference_scores(rows)
   for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
-    task_rows = {row.model: row for row in rows if row.task == task}
-    shown = [m for m in models if m in task_rows]
+    shown = [m for m in models if (task, m) in summary]
+    means, errors = zip(*(_estimate_or_nan(summary, (task, m)) for m in shown))
     positions = np.arange(len(shown))[::-1]
-    axis.barh(positions, [task_rows[m].score for m in shown],
-              color=[colors[task_rows[m].kind] for m in shown])
+    axis.barh(positions, means, xerr=errors, color=[colors[kinds[m]] for m in shown],
+              error_kw={"linewidth": 0.8})
     axis.set_yticks(positions, shown, fontsize=8)
-    sizes = sorted({r.num_experts for r in task_rows.values() if r.kind == "pruned"})
+    sizes = sorted({r.num_experts for r in rows if r.task == task and r.kind == "pruned"})
     for size in sizes:
-      if (task, size) in references:
-        axis.axvline(references[(task, size)], color="k", linestyle="--", linewidth=0.8,
+      reference = summary.get((task, f"+{size}e" if size else "dense"))
+      if reference is not None:
+        axis.axvline(reference.mean, color="k", linestyle="--", linewidth=0.8,
                      label="same size from scratch" if size == sizes[0] else None)
-    if any((task, size) in references for size in sizes):
+    if sizes:
       axis.legend(fontsize=7, loc="lower right")
-    scores = [task_rows[m].score for m in shown]
-    low = min(scores)
-    axis.set_xlim(max(0.0, low - 0.1 * (max(scores) - low + 1.0)), max(scores) * 1.02 + 0.5)
+    low, high = min(means), max(means)
+    axis.set_xlim(max(0.0, low - 0.1 * (high - low + 1.0)), high * 1.02 + 0.5)
     axis.set_title(task)
-    axis.set_xlabel(rows[0].metric)
+    axis.set_xlabel(f"{rows[0].metric} (mean ± SE over seeds)")
   _save(figure, path)
 
 
 def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
-  """Score against the pruning factor E/D per method; the same-size models from
-  scratch as a dashed black line (where merging stops paying, the lines cross).
+  """Mean score (± SE over seeds) against the pruning factor E/D per method; the
+  same-size models from scratch as a dashed black line (where merging stops paying,
+  the lines cross).
 
   Example:
     >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
   """
   tasks = list(dict.fromkeys(row.task for row in rows))
+  summary = statistics.summarize(rows)
   figure = Figure(figsize=(5.0 * len(tasks), 3.8))
   for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
     pruned = [r for r in rows if r.task == task and r.kind == "pruned"]
     sources = sorted({r.source_experts for r in pruned})
     for source in sources:
-      from_source = [r for r in pruned if r.source_experts == source]
-      for label in dict.fromkeys(r.model.split(" ", 1)[1] for r in from_source):
-        points = sorted((r.pruning_factor, r.score) for r in from_source
-                        if r.model.split(" ", 1)[1] == label)
+      labels = dict.fromkeys(r.model.split(" ", 1)[1] for r in pruned
+                             if r.source_experts == source)
+      for label in labels:
+        sizes = sorted({r.num_experts for r in pruned if r.source_experts == source
+                        and r.model.split(" ", 1)[1] == label}, reverse=True)
+        points = [(source / d, *_estimate_or_nan(summary, (task, f"{source}->{d} {label}")))
+                  for d in sizes]
+        x, y, err = zip(*points)
         prefix = f"E={source} " if len(sources) > 1 else ""
-        axis.plot(*zip(*points), marker="o", label=prefix + label)
-      scratch = sorted((source / r.num_experts, r.score) for r in rows
-                       if r.task == task and r.kind == "scratch" and r.num_experts
-                       and r.num_experts < source and source % r.num_experts == 0)
+        axis.errorbar(x, y, yerr=err, marker="o", capsize=2, label=prefix + label)
+      scratch = [(source / d, *_estimate_or_nan(summary, (task, f"+{d}e")))
+                 for d in sorted({r.num_experts for r in pruned}, reverse=True)
+                 if d and d < source and source % d == 0 and (task, f"+{d}e") in summary]
       if scratch:
-        axis.plot(*zip(*scratch), "k--", marker="s", label=f"from scratch, {source} / x experts")
+        x, y, err = zip(*scratch)
+        axis.errorbar(x, y, yerr=err, fmt="k--", marker="s", capsize=2,
+                      label=f"from scratch, {source} / x experts")
     axis.set_xscale("log", base=2)
     axis.set_xlabel("pruning factor E / D")
     axis.set_ylabel(rows[0].metric)
     axis.set_title(task)
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=6)
   _save(figure, path)
 
 

@@ -33,10 +33,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from uncurl_jax.study import statistics
+
 KINDS = ("dense", "scratch", "pruned")
 CSV_COLUMNS = ("task", "model", "kind", "method", "router", "source_experts", "num_experts",
                "pruning_factor", "seed", "metric", "score", "score_before_finetune",
-               "reference_score", "delta")
+               "score_at_capacity", "reference_score", "delta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +56,9 @@ class ResultRow:
     score: The task metric after finetuning.
     score_before_finetune: The metric right after pruning, or None.
     metric: Name of the metric.
-    seed: The study's seed.
+    seed: The seed of the run.
+    secondary: The metric at the model's evaluation capacity (when the score is
+      dropless), or None.
   """
 
   task: str
@@ -67,6 +71,7 @@ class ResultRow:
   score_before_finetune: float | None = None
   metric: str = "accuracy"
   seed: int = 0
+  secondary: float | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -92,37 +97,16 @@ class ResultRow:
     return self.source_experts / self.num_experts
 
 
-def reference_scores(rows: Sequence[ResultRow]) -> dict[tuple[str, int], float]:
-  """{(task, D): score of the D-expert model from scratch} (0 experts: dense)."""
-  references = {}
-  for row in rows:
-    if row.kind in ("scratch", "dense"):
-      references.setdefault((row.task, row.num_experts), row.score)
-  return references
-
-
-def reference_score(row: ResultRow, references: Mapping[tuple[str, int], float]) -> float | None:
-  """The same-size model's score for a pruned row (None if absent or not pruned)."""
+def reference_label(row: ResultRow) -> str | None:
+  """The row label of a pruned row's same-size model from scratch ('+8e', 'dense')."""
   if row.kind != "pruned":
     return None
-  return references.get((row.task, row.num_experts))
+  return f"+{row.num_experts}e" if row.num_experts else "dense"
 
 
-def comparison_mark(score: float, reference: float | None, *,
-                    lower_is_better: bool = False) -> str:
-  """'+' better, '-' worse than the reference, '=' equal, '' without one.
-
-  Example:
-    >>> comparison_mark(66.5, 66.0), comparison_mark(64.0, 66.0), comparison_mark(1.0, None)
-    ('+', '-', '')
-    >>> comparison_mark(1.2, 1.5, lower_is_better=True)      # a loss
-    '+'
-  """
-  if reference is None or math.isnan(score) or math.isnan(reference):
-    return ""
-  if math.isclose(score, reference, rel_tol=0.0, abs_tol=1e-9):
-    return "="
-  return "+" if (score > reference) != lower_is_better else "-"
+def _reference_scores(rows: Sequence[ResultRow]) -> dict[tuple[str, str, int], float]:
+  """{(task, model, seed): score} of the models trained from scratch."""
+  return {(r.task, r.model, r.seed): r.score for r in rows if r.kind != "pruned"}
 
 
 def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
@@ -134,13 +118,13 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
   Example:
     >>> write_csv(rows, "outputs/synthetic/results.csv")
   """
-  references = reference_scores(rows)
+  references = _reference_scores(rows)
   temporary = f"{os.fspath(path)}.tmp"
   with open(temporary, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     for row in rows:
-      reference = reference_score(row, references)
+      reference = references.get((row.task, reference_label(row), row.seed))
       factor = row.pruning_factor
       writer.writerow({
           "task": row.task, "model": row.model, "kind": row.kind, "method": row.method,
@@ -149,6 +133,7 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
           "seed": row.seed, "metric": row.metric, "score": row.score,
           "score_before_finetune": ("" if row.score_before_finetune is None
                                     else row.score_before_finetune),
+          "score_at_capacity": "" if row.secondary is None else row.secondary,
           "reference_score": "" if reference is None else reference,
           "delta": "" if reference is None else row.score - reference})
   os.replace(temporary, path)
@@ -164,59 +149,14 @@ def read_csv(path: str | os.PathLike) -> list[ResultRow]:
     records = list(csv.DictReader(f))
   rows = []
   for r in records:
-    before = r["score_before_finetune"]
+    before, secondary = r["score_before_finetune"], r.get("score_at_capacity", "")
     rows.append(ResultRow(
         task=r["task"], kind=r["kind"], num_experts=int(r["num_experts"]),
         source_experts=int(r["source_experts"] or 0), method=r["method"], router=r["router"],
         score=float(r["score"]), score_before_finetune=float(before) if before else None,
-        metric=r["metric"], seed=int(r["seed"])))
+        metric=r["metric"], seed=int(r["seed"]),
+        secondary=float(secondary) if secondary else None))
   return rows
-
-
-def spread_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
-                 relative_to: str | None = None, digits: int = 2) -> str:
-  """Mean ± standard deviation (over seeds) of each model's score, per task.
-
-  Args:
-    rows: Results of several runs that differ by seed (e.g. `read_csv` of each).
-    before_finetune: Summarize `score_before_finetune` instead.
-    relative_to: A row label (e.g. '+8e'): summarize each score minus that model's
-      score of the same seed and task (paired differences, free of the seed-to-seed
-      variation both share). Runs without that model are left out.
-    digits: Decimals shown.
-
-  Example:
-    >>> rows = [r for path in paths for r in read_csv(path)]
-    >>> print(spread_table(rows))      # | 32->8 uncurl (reinit) | 51.2 ± 0.8 (3) |
-    >>> print(spread_table(rows, relative_to="32->8 random"))
-  """
-  if not rows:
-    raise ValueError("spread_table needs at least one ResultRow")
-  tasks = list(dict.fromkeys(row.task for row in rows))
-  value = lambda row: row.score_before_finetune if before_finetune else row.score
-  baseline = {(row.task, row.seed): value(row) for row in rows if row.model == relative_to}
-  if relative_to is not None and not baseline:
-    raise ValueError(f"relative_to={relative_to!r} is not a model of the rows; models: "
-                     f"{ordered_models(rows)}")
-  scores: dict[tuple[str, str], list[float]] = {}
-  for row in rows:
-    score = value(row)
-    if relative_to is not None:
-      reference = baseline.get((row.task, row.seed))
-      score = None if score is None or reference is None else score - reference
-    if score is not None:
-      scores.setdefault((row.model, row.task), []).append(score)
-  models = [m for m in ordered_models(rows) if any((m, t) in scores for t in tasks)]
-
-  def cell(values):
-    # ddof=1: the sample standard deviation over seeds (0 for a single run).
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{np.mean(values):.{digits}f} ± {std:.{digits}f} ({len(values)})"
-  lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-  for model in models:
-    lines.append(f"| {model} | " + " | ".join(
-        cell(scores[(model, t)]) if (model, t) in scores else "" for t in tasks) + " |")
-  return "\n".join(lines)
 
 
 def _row_order(row: ResultRow) -> tuple:
@@ -234,13 +174,18 @@ def ordered_models(rows: Sequence[ResultRow]) -> list[str]:
 
 
 def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
-                   lower_is_better: bool = False, digits: int = 2) -> str:
-  """The paper-style table: models as rows, tasks as columns, +/- on pruned rows.
+                   lower_is_better: bool = False, items: Mapping | None = None,
+                   digits: int = 2) -> str:
+  """The paper-style table: models as rows, tasks as columns; mean ± standard error over
+  seeds; a pruned row is marked + / - only where its paired difference to the same-size
+  model from scratch exceeds two standard errors (`statistics`).
 
   Args:
-    rows: Results (several tasks and models).
+    rows: Results (several tasks, models and seeds).
     before_finetune: Tabulate `score_before_finetune` (pruned rows only, no marks).
     lower_is_better: The metric is a loss: '+' marks a lower score.
+    items: {(task, model, seed): per-item scores}: with a single seed, the marks use the
+      per-item paired differences.
     digits: Decimals shown.
 
   Example:
@@ -249,15 +194,20 @@ def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
   if not rows:
     raise ValueError("markdown_table needs at least one ResultRow")
   tasks = list(dict.fromkeys(row.task for row in rows))
-  references = reference_scores(rows)
-  cells: dict[tuple[str, str], str] = {}
-  for row in rows:
-    score = row.score_before_finetune if before_finetune else row.score
-    if score is None:
-      continue
-    mark = "" if before_finetune else comparison_mark(
-        score, reference_score(row, references), lower_is_better=lower_is_better)
-    cells[(row.model, row.task)] = f"{score:.{digits}f}{mark}"
+  summary = statistics.summarize(rows, before_finetune=before_finetune)
+  labels = {row.model: row for row in rows}
+  cells = {}
+  for (task, model), estimate in summary.items():
+    text = f"{estimate.mean:.{digits}f}"
+    if math.isfinite(estimate.se):
+      text += f" ± {estimate.se:.{digits}f}"
+    reference = reference_label(labels[model])
+    if not before_finetune and reference is not None:
+      difference = statistics.paired_difference(rows, model, reference, task=task,
+                                                items=items)
+      mark = "" if difference is None else difference.called
+      text += {"+": "-", "-": "+"}.get(mark, mark) if lower_is_better else mark
+    cells[(model, task)] = text
   models = [m for m in ordered_models(rows) if any((m, t) in cells for t in tasks)]
   lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
   for model in models:
@@ -265,27 +215,56 @@ def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-  """`python -m uncurl_jax.study.report [--relative_to=MODEL] results.csv ...`: seed spreads.
+def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None,
+                      digits: int = 2) -> str:
+  """Paired differences of every pruned model: to the same-size model from scratch, to its
+  source, and to frequency pruning of the same pair (mean ± SE, + / - when called)."""
+  lines = ["| task | model | - same size from scratch | - source | - frequency |",
+           "|---|---|---|---|---|"]
+  for task in dict.fromkeys(row.task for row in rows):
+    pruned = [m for m in ordered_models(rows) if any(
+        r.model == m and r.task == task and r.kind == "pruned" for r in rows)]
+    for model in pruned:
+      row = next(r for r in rows if r.model == model)
+      references = (reference_label(row), f"+{row.source_experts}e",
+                    f"{row.source_experts}->{row.num_experts} frequency")
+      cells = []
+      for reference in references:
+        estimate = (None if reference == model else statistics.paired_difference(
+            rows, model, reference, task=task, items=items))
+        cells.append("" if estimate is None else estimate.text(digits) + estimate.called)
+      lines.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
 
-  Prints mean ± std over the files (runs with different seeds) of every model's score
-  after finetuning and right after pruning; with --relative_to (a row label such as
-  '+32e', the source), also the paired differences to that model's same-seed score.
+
+def findings_text(found: Sequence[statistics.Finding]) -> str:
+  """The findings as a markdown list: claim, verdict, the numbers."""
+  return "\n".join(f"- **{f.verdict}**: {f.claim}. {f.evidence}" for f in found)
+
+
+def pairs_of(rows: Sequence[ResultRow]) -> list[tuple[int, int]]:
+  """The (E, D) pairs the pruned rows cover, largest source first, then by D."""
+  return sorted({(r.source_experts, r.num_experts) for r in rows if r.kind == "pruned"},
+                key=lambda pair: (-pair[0], -pair[1]))
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m uncurl_jax.study.report results.csv ...`: tables and findings over runs.
+
+  Reads the result files of several runs (e.g. of different seeds, or one multi-seed
+  study) and prints the table (mean ± SE), the paired differences and the findings.
   """
-  prefix = "--relative_to="
-  relative = [a[len(prefix):] for a in argv[1:] if a.startswith(prefix)]
-  paths = [a for a in argv[1:] if not a.startswith(prefix)]
+  paths = argv[1:]
   if not paths:
-    raise SystemExit("usage: python -m uncurl_jax.study.report [--relative_to=MODEL] "
-                     "RESULTS_CSV [RESULTS_CSV ...]")
+    raise SystemExit("usage: python -m uncurl_jax.study.report RESULTS_CSV [RESULTS_CSV ...]")
   rows = [row for path in paths for row in read_csv(path)]
-  print(f"Mean ± std (runs) over {len(paths)} result files, after finetuning:\n")
-  print(spread_table(rows))
-  print("\nRight after pruning:\n")
-  print(spread_table(rows, before_finetune=True))
-  for model in relative:
-    print(f"\nAfter finetuning, minus the same run's {model}:\n")
-    print(spread_table(rows, relative_to=model))
+  print(f"{len(rows)} results from {len(paths)} files; seeds "
+        f"{sorted({r.seed for r in rows})}.\n")
+  print(markdown_table(rows))
+  print("\nPaired differences:\n")
+  print(differences_table(rows))
+  print("\nFindings:\n")
+  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows))))
 
 
 if __name__ == "__main__":

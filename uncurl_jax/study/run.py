@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from typing import Any, Iterator
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from uncurl_jax.pruning import features
 from uncurl_jax.study import config as config_lib
 from uncurl_jax.study import plots
 from uncurl_jax.study import report
 from uncurl_jax.study import runner
+from uncurl_jax.study import stages
+from uncurl_jax.study import statistics
+from uncurl_jax.study.progress import Progress
 
 
 @contextlib.contextmanager
@@ -71,49 +76,77 @@ def write_report(study: runner.Study, output_dir: str) -> dict[str, str]:
     f.write(_markdown_report(study, table))
   plots.plot_scores(rows, written["scores"])
   plots.plot_pruning_factor(rows, written["pruning_factor"])
-  for task, figures in study.figures.items():
-    pair = f"{figures.source_experts} -> {figures.num_experts}"
-    if figures.clusters is not None:
-      path = written[f"similarity_{task}"] = os.path.join(output_dir, f"similarity_{task}.png")
-      plots.plot_similarity(
-          {name: (s, figures.clusters["labels"][name], figures.clusters["anchors"][name])
-           for name, s in study.source_similarity(task).items()}, path,
-          title=f"{task}: router-logit similarity of the {figures.source_experts}-expert "
-                f"source, UNCURL clusters ({pair}, anchors starred)")
-    if figures.usage_after:
-      path = written[f"expert_usage_{task}"] = os.path.join(output_dir,
-                                                             f"expert_usage_{task}.png")
-      labels = None if figures.clusters is None else figures.clusters["labels"]
-      plots.plot_expert_usage(figures.usage_before, figures.usage_after, path, labels=labels)
+  written.update(_task_figures(study, output_dir))
   return {**written, "table": table}
 
 
+def _task_figures(study: runner.Study, output_dir: str) -> dict[str, str]:
+  """Per task, for the first seed, source and pruned size: the source's router-logit
+  similarity with the first UNCURL arm's clusters, and expert usage before and after."""
+  written = {}
+  for task in study.config.tasks:
+    specs = [(key, spec) for key, spec in study.stats_specs.items() if key[0] == task.name]
+    if not specs:
+      continue
+    (_, seed, source), stats_spec = specs[0]
+    stats = stages.load_stats(os.path.join(stats_spec.directory, stages.STATS_FILE))
+    pruned = [row for row in study.row_specs if row.task == task and row.seed == seed
+              and row.kind == "pruned" and row.source == source]
+    size = pruned[0].num_experts if pruned else None
+    uncurl = next((row for row in pruned if row.num_experts == size
+                   and row.method.method == "uncurl" and row.before is not None), None)
+    labels = anchors = None
+    if uncurl is not None:
+      plan = study.done[uncurl.before.inputs[0].key].result
+      labels, anchors = plan["labels"], plan["anchors"]
+      path = written[f"similarity_{task.name}"] = os.path.join(
+          output_dir, f"similarity_{task.name}.png")
+      plots.plot_similarity(
+          {name: (features.router_similarity(s.logits), labels[name], anchors[name])
+           for name, s in stats.items()}, path,
+          title=f"{task.name}: router-logit similarity of the {source}-expert source, "
+                f"UNCURL clusters ({source} -> {size}, anchors starred)")
+    after = {f"{source}->{size} {row.method.label}": study.done[row.score.key].result["usage"]
+             for row in pruned if row.num_experts == size}
+    after = {name: usage for name, usage in after.items() if usage is not None}
+    if after:
+      path = written[f"expert_usage_{task.name}"] = os.path.join(
+          output_dir, f"expert_usage_{task.name}.png")
+      plots.plot_expert_usage(study.done[stats_spec.key].result["usage"], after, path,
+                              labels=labels)
+  return written
+
+
 def _markdown_report(study: runner.Study, table: str) -> str:
-  config = study.config
+  config, rows = study.config, study.rows
   direction = "lower" if config.lower_is_better else "higher"
-  counts = {}
+  counts: dict[str, int] = {}
   for _, status in study.cache.events:
     counts[status.value] = counts.get(status.value, 0) + 1
   tasks = ", ".join(f"{t.name} ({config.task_metric(t)} of "
                     f"{t.eval_task or 'its validation split'})" for t in config.tasks)
+  found = statistics.findings(rows, pairs=list(config.pairs))
   return "\n".join([
-      f"# Study '{config.name}' (seed {config.seed})", "",
-      f"Tasks and scores: {tasks}; {direction} is better. A pruned model's score is marked "
-      "+ / - when it is better / worse than the model of the same size trained from "
-      "scratch (paper Table 2).", "",
+      f"# Study '{config.name}' (seeds {list(config.seeds)})", "",
+      f"Tasks and scores: {tasks}; {direction} is better. Mean ± standard error over seeds; "
+      "a pruned model is marked + / - where its paired difference to the model of the same "
+      "size trained from scratch exceeds two standard errors (paper Table 2).", "",
       "## After finetuning", "", table, "",
+      "## Paired differences", "", report.differences_table(rows), "",
+      "## The paper's findings", "", report.findings_text(found), "",
       "## Right after pruning (before finetuning)", "",
-      report.markdown_table(study.rows, before_finetune=True), "",
+      report.markdown_table(rows, before_finetune=True), "",
       f"Stages: {', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}.", ""])
 
 
-def run_study(config: config_lib.StudyConfig, *,
-              compilation_cache: bool = True) -> dict[str, Any]:
-  """Runs the study, writes its report and prints the table.
+def run_study(config: config_lib.StudyConfig, *, compilation_cache: bool = True,
+              stream=None) -> dict[str, Any]:
+  """Runs the study, writes its report and prints its plan, progress and tables.
 
   Args:
     config: The study (gin: `run_study.config = @StudyConfig()`).
     compilation_cache: Keep compiled programs in `<stages dir>/jax_compilation_cache`.
+    stream: Where the plan, progress, stage lines and tables go (default: stdout).
 
   Returns:
     {'rows': result rows, 'files': written paths, 'events': stage events,
@@ -124,26 +157,35 @@ def run_study(config: config_lib.StudyConfig, *,
     >>> outcome["files"]["csv"]
     'outputs/synthetic/results.csv'
   """
+  stream = sys.stdout if stream is None else stream
   start = time.perf_counter()
   study = runner.Study(config)
+  specs = study.plan()
+  out = lambda text="": print(text, file=stream, flush=True)
+  progress = Progress(specs, study.cache, stream=stream)
+  out(f"Study '{config.name}': seeds {list(config.seeds)}, tasks "
+      f"{[t.name for t in config.tasks]}, {len(config.methods)} methods, pairs "
+      f"{list(config.pairs)}; stages in {study.cache.root}")
+  out(progress.plan_text())
   cache_dir = os.path.join(study.cache.root, "jax_compilation_cache") if compilation_cache else None
-  with persistent_compilation_cache(cache_dir):
-    study.run()
+  try:
+    with persistent_compilation_cache(cache_dir):
+      study.run(progress)
+  finally:
+    progress.close()
   files = write_report(study, config.output_dir)
   seconds = time.perf_counter() - start
   ran = sum(1 for _, status in study.cache.events if status != "skipped")
-  metrics = sorted({config.task_metric(t) for t in config.tasks})
-  print(f"\nStudy '{config.name}' (seed {config.seed}): {', '.join(metrics)}, "
-        f"{'lower' if config.lower_is_better else 'higher'} is better; + / - against the "
-        f"same-size model trained from scratch.\n")
-  print("After finetuning:\n")
-  print(files["table"])
-  print("\nRight after pruning, before finetuning:\n")
-  print(report.markdown_table(study.rows, before_finetune=True))
-  print(f"\n{ran} of {len(study.cache.events)} stages computed, the rest cached; "
-        f"{seconds:.0f} s. Report in {config.output_dir}:")
+  out(f"\nAfter finetuning ({', '.join(sorted({config.task_metric(t) for t in config.tasks}))}"
+      f", mean ± SE over seeds {list(config.seeds)}; + / - called against the same-size "
+      "model from scratch):\n")
+  out(files["table"])
+  out("\nThe paper's findings:\n")
+  out(report.findings_text(statistics.findings(study.rows, pairs=list(config.pairs))))
+  out(f"\n{ran} of {len(study.cache.events)} stages computed, the rest cached; "
+      f"{seconds:.0f} s. Report in {config.output_dir}:")
   for name, path in files.items():
     if name != "table":
-      print(f"  {path}")
+      out(f"  {path}")
   return {"rows": study.rows, "files": files, "events": list(study.cache.events),
           "seconds": seconds}

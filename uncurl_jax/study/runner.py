@@ -1,25 +1,29 @@
 """The UNCURL study: pretrain, prune E -> D with every method, finetune, evaluate, compare.
 
-For each target task the study
+`Study.plan()` lays out every stage before anything runs; `Study.run()` runs them in
+order. For each seed and target task the plan
 
 1. pretrains every model size from scratch: the sources (E experts), every pruned size
    (D experts) and a dense model; optionally pre-finetunes them;
-2. finetunes each of them on the task (the reference rows of the table; a finetuned
-   source also feeds `router_norm`);
-3. collects each source's router logits on the task's training data;
-4. for every pair E -> D (D < E) and every method: prunes, scores the pruned model,
-   finetunes it (router-only warm-up first, as the paper) and scores it again;
-   `progressive_dropping` instead finetunes the source while dropping experts;
-5. returns one `report.ResultRow` per (task, model).
+2. finetunes each of them on the task (the reference rows of the table);
+3. measures each source's task statistics (router logits and what the experts compute);
+4. for every pair E -> D and every method: prunes, scores the pruned model, finetunes it
+   and scores it again.
 
-Every step is a cached stage (`study.cache`): a rerun skips finished stages, a changed
-setting reruns the stages it affects, and an interrupted training stage resumes from its
-newest checkpoint. Seeds are fixed by `StudyConfig.seed`.
+Every arm gets the same task budget: `finetune.router_warmup_steps` router-only steps
+(MoE models) and then the same full-parameter steps on the same batches. `router_norm`
+spends part of its full-parameter steps finetuning the source (it needs a finetuned
+router) and the rest on the pruned model; `progressive_dropping` finetunes the source
+while dropping experts.
+
+Every stage is cached (`study.cache`): a rerun skips finished stages, a changed setting
+reruns the stages it affects, and an interrupted training stage resumes from its newest
+checkpoint.
 
 Example:
   >>> study = Study(config)                   # a StudyConfig, e.g. from gin
+  >>> specs = study.plan()                    # what will run, what is cached
   >>> rows = study.run()
-  >>> print(report.markdown_table(rows))
 """
 
 from __future__ import annotations
@@ -27,13 +31,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
-from typing import Any, Callable, Sequence
-
-from absl import logging
-import numpy as np
+from typing import Any, Callable
 
 from uncurl_jax.model import configs
-from uncurl_jax.pruning import features
 from uncurl_jax.study import cache as cache_lib
 from uncurl_jax.study import report
 from uncurl_jax.study import stages
@@ -43,41 +43,33 @@ from uncurl_jax.study.config import MethodSpec
 from uncurl_jax.study.config import StudyConfig
 from uncurl_jax.study.config import StudyTask
 from uncurl_jax.study.config import TrainSettings
-from uncurl_jax.train import schedules
+from uncurl_jax.study.progress import Progress
+
+StageSpec = cache_lib.StageSpec
 
 
-def _settings_key(settings: TrainSettings | None) -> Any:
-  return None if settings is None else dataclasses.asdict(settings)
+@dataclasses.dataclass(frozen=True)
+class RowSpec:
+  """A result row to read once its stages ran: the model's identity and its score stages."""
 
-
-@dataclasses.dataclass
-class TaskFigures:
-  """What the per-task plots need (of the first source and its first pruned size).
-
-  Attributes:
-    source_experts, num_experts: The pair E -> D shown.
-    logits: The stage holding the source's router logits on the task.
-    usage_before: {layer: [E] selection frequencies of the source}.
-    clusters: The first UNCURL prune stage's result (labels, anchors), or None.
-    usage_after: {row label: {layer: [D] frequencies after pruning and finetuning}}.
-  """
-
-  source_experts: int
+  task: StudyTask
+  kind: str
   num_experts: int
-  logits: cache_lib.Stage
-  usage_before: dict[str, list[float]]
-  clusters: dict[str, Any] | None = None
-  usage_after: dict[str, dict[str, list[float]]] = dataclasses.field(default_factory=dict)
+  seed: int
+  score: StageSpec
+  source: int = 0
+  method: MethodSpec | None = None
+  before: StageSpec | None = None
 
 
 class Study:
-  """Runs a `StudyConfig` stage by stage (see the module docstring).
+  """Plans and runs a `StudyConfig` stage by stage (see the module docstring).
 
   Attributes:
     config: The study.
     cache: The stage cache (its `events` tell what ran, resumed or was skipped).
     rows: Results of the last `run`.
-    figures: {task name: TaskFigures} of the last `run`.
+    stats_specs: {(task name, seed, source E): the stage holding the source's statistics}.
   """
 
   def __init__(self, config: StudyConfig):
@@ -86,260 +78,259 @@ class Study:
     config.check_runnable()
     self.config = config
     self.cache = cache_lib.StageCache(config.stages_dir
-                                        or os.path.join(config.output_dir, "stages"))
+                                      or os.path.join(config.output_dir, "stages"))
     self.rows: list[report.ResultRow] = []
-    self.figures: dict[str, TaskFigures] = {}
+    self.row_specs: list[RowSpec] = []
+    self.stats_specs: dict[tuple[str, int, int], StageSpec] = {}
+    self.done: dict[str, cache_lib.Stage] = {}
     self._params: collections.OrderedDict[str, Any] = collections.OrderedDict()
-    self._scorers: dict[StudyTask, Callable] = {}
-    self._task_batches: dict[str, list] = {}
+    self._work = stages.StageWork(config)
     runtime = config.runtime
     self._trainer = training.StageTrainer(
-        mesh=runtime.mesh, seed=config.seed,
-        checkpoint_every_steps=runtime.checkpoint_every_steps,
-        log_every_steps=runtime.log_every_steps, max_cached_tokens=runtime.max_cached_tokens)
+        mesh=runtime.mesh, checkpoint_every_steps=runtime.checkpoint_every_steps,
+        log_every_steps=runtime.log_every_steps, max_cached_tokens=runtime.max_cached_tokens,
+        unit_tokens=config.pretrain.batch_size * config.pretrain.length)
+    self._progress: Progress | None = None
 
   # ----------------------------------------------------------------------------------------
-  # Params of stages.
+  # Params of finished stages.
 
-  def _remember(self, stage_key: str, params: Any) -> None:
-    self._params[stage_key] = params
-    self._params.move_to_end(stage_key)
+  def finished(self, spec: StageSpec) -> cache_lib.Stage:
+    """The finished stage of `spec`: from this run, from the cache, or run now."""
+    if spec.key not in self.done:
+      self.done[spec.key] = self.cache.run_spec(spec)
+    return self.done[spec.key]
+
+  def params(self, spec: StageSpec) -> Any:
+    """The params a model stage produced (kept from this run, else restored)."""
+    if spec.key not in self._params:
+      stage = self.finished(spec)
+      self._remember(spec.key, stages.restore_params(
+          stage.path(stage.result["checkpoint"]), config=self.config.model,
+          mesh=self.config.runtime.mesh))
+    return self._params[spec.key]
+
+  def _remember(self, key: str, params: Any) -> None:
+    self._params[key] = params
+    self._params.move_to_end(key)
     while len(self._params) > 4:  # older params are restored from disk when needed again
       self._params.popitem(last=False)
 
-  def params(self, stage: cache_lib.Stage) -> Any:
-    """The params a model stage produced (kept from this run, else restored)."""
-    if stage.key not in self._params:
-      self._remember(stage.key, stages.restore_params(
-          stage.path(stage.result["checkpoint"]), config=self.config.model,
-          mesh=self.config.runtime.mesh))
-    return self._params[stage.key]
+  def _model_stage(self, name: str, key: dict, fn: Callable[[str], tuple[Any, dict]], *,
+                   inputs: list[StageSpec], cost: float, kind: str) -> StageSpec:
+    """A stage whose `fn` returns (params, result); its params stay in memory."""
+    holder: dict[str, StageSpec] = {}
 
-  def _run_model_stage(self, name: str, key: dict, fn: Callable[[str], tuple[Any, dict]], *,
-                       depends_on: Sequence[cache_lib.Stage]) -> cache_lib.Stage:
-    """Runs a stage whose `fn` returns (params, result); keeps the params in memory."""
-    produced = {}
-
-    def run(directory):
-      produced["params"], result = fn(directory)
+    def work(directory):
+      params, result = fn(directory)
+      self._remember(holder["spec"].key, params)
       return result
-    stage = self.cache.run(name, key, run, depends_on=depends_on)
-    if "params" in produced:
-      self._remember(stage.key, produced["params"])
-    return stage
-
-  def _model_config(self, num_experts: int) -> configs.ModelConfig:
-    return configs.with_expert_counts(self.config.model, num_experts)
-
-  @staticmethod
-  def _model_slug(num_experts: int) -> str:
-    return "dense" if num_experts == 0 else f"e{num_experts}"
+    holder["spec"] = self.cache.plan(name, key, work, inputs=inputs, cost=cost, kind=kind)
+    return holder["spec"]
 
   # ----------------------------------------------------------------------------------------
   # Training stages.
 
-  def _train_stage(self, name: str, key: dict, *, config: configs.ModelConfig,
-                   settings: TrainSettings, task: str | None, init: cache_lib.Stage | None,
-                   router_warmup: bool = False,
-                   dropping: schedules.ProgressiveDropping | None = None) -> cache_lib.Stage:
-    """Trains `init`'s params (or a fresh `config` model); the config's expert counts
-    follow the params (a pruned model)."""
+  def _train(self, name: str, key: dict, *, num_experts: int, settings: TrainSettings,
+             seed: int, task: str | None, init: StageSpec | None, router_warmup: bool,
+             dropping=None, steps: int | None = None, data_offset: int = 0) -> StageSpec:
+    """Trains `init`'s params (or a fresh model); a pruned model's counts follow its params."""
+    config = configs.with_expert_counts(self.config.model, num_experts)
+    if steps is not None:
+      settings = dataclasses.replace(settings, steps=steps)
+    warmup = router_warmup and config.num_experts > 0
+
     def run(directory):
       params, summary = self._trainer.train(
-          directory, config=config, settings=settings,
+          directory, config=config, settings=settings, seed=seed,
           task=settings.mixture_or_task_name or task,
-          init_params=None if init is None else self.params(init),
-          router_warmup=router_warmup, dropping=dropping)
+          init_params=None if init is None else self.params(init), router_warmup=warmup,
+          dropping=dropping, data_offset=data_offset, on_steps=self._advance)
       return params, {**summary, "checkpoint": "checkpoints"}
-    return self._run_model_stage(name, key, run, depends_on=[] if init is None else [init])
+    key = {**key, "train": dataclasses.asdict(settings), "seed": seed, "router_warmup": warmup,
+           "dropping": None if dropping is None else dataclasses.asdict(dropping),
+           "data_offset": data_offset}
+    return self._model_stage(name, key, run, inputs=[] if init is None else [init],
+                             cost=self._work.train_cost(settings), kind="train")
 
-  def pretrained(self, num_experts: int) -> cache_lib.Stage:
+  def pretrained(self, num_experts: int, seed: int) -> StageSpec:
     """The pretrained (and, if configured, pre-finetuned) model with `num_experts`."""
-    cfg = self.config
-    model = self._model_config(num_experts)
-    stage = self._train_stage(
-        f"pretrain-{self._model_slug(num_experts)}",
-        {"model": model, "train": _settings_key(cfg.pretrain), "seed": cfg.seed},
-        config=model, settings=cfg.pretrain, task=None, init=None)
+    cfg, slug = self.config, _slug(num_experts)
+    model = configs.with_expert_counts(cfg.model, num_experts)
+    stage = self._train(f"pretrain-{slug}", {"model": model}, num_experts=num_experts,
+                        settings=cfg.pretrain, seed=seed, task=None, init=None,
+                        router_warmup=False)
     if cfg.prefinetune is None:
       return stage
-    return self._train_stage(
-        f"prefinetune-{self._model_slug(num_experts)}",
-        {"train": _settings_key(cfg.prefinetune), "seed": cfg.seed},
-        config=model, settings=cfg.prefinetune, task=None, init=stage)
+    return self._train(f"prefinetune-{slug}", {}, num_experts=num_experts,
+                       settings=cfg.prefinetune, seed=seed, task=None, init=stage,
+                       router_warmup=False)
 
-  def finetuned(self, task: StudyTask, init: cache_lib.Stage, label: str, *,
-                num_experts: int, router_warmup: bool = False,
-                dropping: schedules.ProgressiveDropping | None = None) -> cache_lib.Stage:
-    """`init` finetuned on `task` (pruned models: router warm-up first).
+  def finetuned(self, task: StudyTask, init: StageSpec, label: str, *, num_experts: int,
+                seed: int, router_warmup: bool = True, dropping=None,
+                full_steps: int | None = None, data_offset: int = 0) -> StageSpec:
+    """`init` finetuned on `task`: router-only warm-up steps, then full-parameter steps
+    (`full_steps` of them; default: the finetune settings'), on the task's batches from
+    `data_offset` on."""
+    settings = self.config.finetune_settings(task)
+    steps = None
+    if full_steps is not None:
+      steps = full_steps + (settings.router_warmup_steps if router_warmup else 0)
+    return self._train(f"finetune-{label}-{task.name}", {"task": task.name},
+                       num_experts=num_experts, settings=settings, seed=seed, task=task.name,
+                       init=init, router_warmup=router_warmup, dropping=dropping, steps=steps,
+                       data_offset=data_offset)
 
-    `num_experts` is the model's expert count before any dropping; pruned params bring
-    their own counts (per layer for MC-SMoE).
-    """
-    cfg = self.config
-    settings = cfg.finetune_settings(task)
-    key = {"task": task.name, "train": _settings_key(settings), "seed": cfg.seed,
-           "router_warmup": router_warmup,
-           "dropping": None if dropping is None else dataclasses.asdict(dropping)}
-    return self._train_stage(f"finetune-{label}-{task.name}", key,
-                             config=self._model_config(num_experts), settings=settings,
-                             task=task.name, init=init, router_warmup=router_warmup,
-                             dropping=dropping)
+  def _advance(self, units: float) -> None:
+    if self._progress is not None:
+      self._progress.advance(units)
 
   # ----------------------------------------------------------------------------------------
-  # Logits, pruning, scores.
+  # Statistics, pruning, scores.
 
-  def _batches(self, task: StudyTask) -> list:
-    if task.name not in self._task_batches:
-      cfg = self.config
-      self._task_batches[task.name] = stages.task_batches(
-          task=task.name, settings=cfg.finetune, batch_size=cfg.eval_batch_size,
-          max_tokens=max(cfg.logits_max_tokens, cfg.usage_max_tokens))
-    return self._task_batches[task.name]
+  def task_stats(self, task: StudyTask, base: StageSpec, num_experts: int,
+                 seed: int) -> StageSpec:
+    """A source's task statistics (router logits and expert statistics, `stats.npz`)."""
+    def work(directory):
+      return self._work.collect_stats(directory, task, num_experts, self.params(base))
+    return self.cache.plan(f"stats-e{num_experts}-{task.name}", self._work.stats_key(task),
+                           work, inputs=[base], cost=self._work.stats_cost(), kind="stats")
 
-  def router_logits(self, task: StudyTask, base: cache_lib.Stage,
-                    num_experts: int) -> cache_lib.Stage:
-    """A source's router logits on the task's training tokens (`logits.npz`)."""
-    cfg = self.config
-
+  def pruned(self, task: StudyTask, method: MethodSpec, pair: tuple[int, int], seed: int, *,
+             source: StageSpec, stats: StageSpec, pretrained: StageSpec | None = None
+             ) -> StageSpec:
+    """`source` pruned E -> D (`pair`) by `method` (router_norm: also `pretrained`)."""
     def run(directory):
-      logits = stages.router_logits(self._model_config(num_experts), self.params(base),
-                                    self._batches(task), max_tokens=cfg.logits_max_tokens)
-      stages.save_logits(os.path.join(directory, "logits.npz"), logits)
-      return {"tokens": int(next(iter(logits.values())).shape[0]),
-              "usage": stages.expert_usage(logits, cfg.model.top_k)}
-    key = {"task": task.name, "max_tokens": cfg.logits_max_tokens,
-           "batch_size": cfg.eval_batch_size,
-           "feature_lengths": dict(cfg.finetune.task_feature_lengths), "pack": cfg.finetune.pack}
-    return self.cache.run(f"logits-e{num_experts}-{task.name}", key, run, depends_on=[base])
-
-  def pruned(self, task: StudyTask, spec: MethodSpec, source: int, num_experts: int, *,
-             base: cache_lib.Stage, logits: cache_lib.Stage,
-             source_finetuned: cache_lib.Stage) -> cache_lib.Stage:
-    """A source pruned to `num_experts` by `spec` (router_norm: the finetuned source)."""
-    cfg = self.config
-    from_finetuned = spec.method == "router_norm"
-    pruned_stage = source_finetuned if from_finetuned else base
-
-    def run(directory):
-      params, summary = stages.prune_model(
-          directory, params=self.params(pruned_stage),
-          logits=stages.load_logits(logits.path("logits.npz")),
-          num_experts=num_experts, method=spec.method, router=spec.router, seed=cfg.seed,
-          init_std=cfg.model.init_std, top_k=cfg.model.top_k,
-          pretrained_params=self.params(base) if from_finetuned else None)
+      params, summary = self._work.prune(
+          directory, params=self.params(source), stats_dir=stats.directory, method=method,
+          num_experts=pair[1], seed=seed,
+          pretrained_params=None if pretrained is None else self.params(pretrained))
       return params, {**summary, "checkpoint": stages.PARAMS_DIR}
-    key = {"method": spec.method, "router": spec.router, "num_experts": num_experts,
-           "seed": cfg.seed, "init_std": cfg.model.init_std, "top_k": cfg.model.top_k}
-    inputs = [base, logits] + ([source_finetuned] if from_finetuned else [])
-    return self._run_model_stage(f"prune-{spec.slug}-e{source}to{num_experts}-{task.name}",
-                                 key, run, depends_on=inputs)
+    key = self._work.prune_key(method, pair[1], seed)
+    inputs = [source, stats] + ([] if pretrained is None else [pretrained])
+    return self._model_stage(f"prune-{method.slug}-e{pair[0]}to{pair[1]}-{task.name}", key,
+                             run, inputs=inputs, cost=self._work.prune_cost(method),
+                             kind="prune")
 
-  def _scorer(self, task: StudyTask) -> Callable:
-    if task not in self._scorers:
-      cfg = self.config
-      lengths = dict(cfg.finetune.task_feature_lengths)
-      if task.eval_task is None:
-        self._scorers[task] = stages.LossScorer(
-            task=task.name, task_feature_lengths=lengths, pack=cfg.finetune.pack,
-            batch_size=cfg.eval_batch_size, max_batches=cfg.eval_batches,
-            mesh=cfg.runtime.mesh)
-      else:
-        self._scorers[task] = stages.TaskScorer(
-            eval_task=task.eval_task, task_feature_lengths=lengths,
-            num_examples=cfg.eval_num_examples, batch_size=cfg.eval_batch_size,
-            mesh=cfg.runtime.mesh)
-    return self._scorers[task]
-
-  def scored(self, task: StudyTask, model: cache_lib.Stage) -> cache_lib.Stage:
+  def scored(self, task: StudyTask, model: StageSpec) -> StageSpec:
     """Metrics of a model stage on the task, and its expert usage on the task's tokens."""
-    cfg = self.config
-    metric = cfg.task_metric(task)
-
-    def run(directory):
-      del directory  # The result is the whole output.
-      params = self.params(model)
-      config = stages.model_config(cfg.model, params)
-      metrics = self._scorer(task)(config, params)
-      if metric not in metrics:
-        raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
-                         f"{task}; set the task's metric ('task:eval_task:metric')")
-      usage = None
-      if config.num_experts:
-        usage = stages.expert_usage(stages.router_logits(
-            config, params, self._batches(task), max_tokens=cfg.usage_max_tokens), config.top_k)
-      return {"metrics": metrics, "score": metrics[metric], "usage": usage}
-    key = {"task": dataclasses.asdict(task), "metric": metric,
-           "num_examples": cfg.eval_num_examples, "eval_batches": cfg.eval_batches,
-           "batch_size": cfg.eval_batch_size, "usage_max_tokens": cfg.usage_max_tokens,
-           "feature_lengths": dict(cfg.finetune.task_feature_lengths)}
-    return self.cache.run(f"score-{model.name}", key, run, depends_on=[model])
+    def work(directory):
+      del directory  # the result is the whole output
+      return self._work.score(task, self.params(model))
+    return self.cache.plan(f"score-{model.name}", self._work.score_key(task), work,
+                           inputs=[model], cost=self._work.score_cost(), kind="score")
 
   # ----------------------------------------------------------------------------------------
-  # The whole study.
+  # The plan.
 
-  def run(self) -> list[report.ResultRow]:
-    """Runs (or reads from the cache) every stage; returns and keeps the result rows."""
+  def plan(self) -> list[StageSpec]:
+    """Every stage of the study in running order (nothing runs)."""
+    specs: list[StageSpec] = []
+    self.row_specs, self.stats_specs = [], {}
     cfg = self.config
-    sizes = set(cfg.source_experts) | {d for _, d in cfg.pairs}
-    sizes = sorted(sizes | ({0} if cfg.dense_reference else set()))
-    bases = {e: self.pretrained(e) for e in sizes}
-    self.rows, self.figures = [], {}
-    for task in cfg.tasks:
-      logging.info("Study %s: task %s", cfg.name, task.name)
-      finetuned = {e: self.finetuned(task, bases[e], self._model_slug(e), num_experts=e)
-                   for e in sizes}
-      for e in sizes:
-        self._add_row(task, self.scored(task, finetuned[e]),
-                      kind="dense" if e == 0 else "scratch", num_experts=e)
-      for source in cfg.source_experts:
-        self._prune_source(task, source, bases[source], finetuned[source])
-    return self.rows
+    sizes = sorted(set(cfg.source_experts) | {d for _, d in cfg.pairs}
+                   | ({0} if cfg.dense_reference else set()))
+    for seed in cfg.seeds:
+      bases = {e: self.pretrained(e, seed) for e in sizes}
+      for task in cfg.tasks:
+        finetuned = {e: self.finetuned(task, bases[e], _slug(e), num_experts=e, seed=seed)
+                     for e in sizes}
+        for e in sizes:
+          self._row(task, "dense" if e == 0 else "scratch", e, seed, self.scored(task,
+                                                                              finetuned[e]))
+        for source in cfg.source_experts:
+          self._plan_source(task, source, seed, bases[source])
+    for row in self.row_specs:
+      for spec in _with_inputs(row.before, row.score):
+        if spec not in specs:
+          specs.append(spec)
+    for stats in self.stats_specs.values():
+      if stats not in specs:
+        specs.append(stats)
+    return specs
 
-  def _prune_source(self, task: StudyTask, source: int, base: cache_lib.Stage,
-                    source_finetuned: cache_lib.Stage) -> None:
+  def _plan_source(self, task: StudyTask, source: int, seed: int, base: StageSpec) -> None:
     cfg = self.config
-    logits = self.router_logits(task, base, source)
-    sizes = [d for e, d in cfg.pairs if e == source]
-    if task.name not in self.figures and sizes:
-      self.figures[task.name] = TaskFigures(source, sizes[0], logits, logits.result["usage"])
-    figures = self.figures.get(task.name)
-    shown = figures is not None and figures.source_experts == source
-    for size in sizes:
-      for spec in cfg.methods:
-        label = f"{spec.slug}-e{source}to{size}"
-        before = None
-        if spec.method == PROGRESSIVE_DROPPING:
-          trained = self.finetuned(task, base, label, num_experts=source,
+    stats = self.task_stats(task, base, source, seed)
+    self.stats_specs[(task.name, seed, source)] = stats
+    settings = cfg.finetune_settings(task)
+    full_steps = settings.steps - settings.router_warmup_steps
+    for size in [d for e, d in cfg.pairs if e == source]:
+      for method in cfg.methods:
+        label, before = f"{method.slug}-e{source}to{size}", None
+        if method.method == PROGRESSIVE_DROPPING:
+          trained = self.finetuned(task, base, label, num_experts=source, seed=seed,
                                    dropping=dataclasses.replace(cfg.dropping,
                                                                 target_experts=size))
         else:
-          pruned = self.pruned(task, spec, source, size, base=base, logits=logits,
-                               source_finetuned=source_finetuned)
+          source_params, rest, offset, pretrained = base, None, 0, None
+          if method.method == "router_norm":  # its probe finetune counts against its budget
+            probe = min(full_steps - 1, max(1, round(cfg.router_norm_probe_fraction
+                                                     * full_steps)))
+            source_params = self.finetuned(task, base, f"{label}-probe", num_experts=source,
+                                           seed=seed, full_steps=probe)
+            rest, pretrained = full_steps - probe, base
+            offset = settings.router_warmup_steps + probe  # it continues the probe's data
+          pruned = self.pruned(task, method, (source, size), seed, source=source_params,
+                               stats=stats, pretrained=pretrained)
           before = self.scored(task, pruned)
-          trained = self.finetuned(task, pruned, label, num_experts=size, router_warmup=True)
-          if shown and size == figures.num_experts and spec.method == "uncurl" \
-              and figures.clusters is None:
-            figures.clusters = pruned.result
-        after = self.scored(task, trained)
-        self._add_row(task, after, kind="pruned", num_experts=size, source=source, spec=spec,
-                      before=before)
-        if shown and size == figures.num_experts and after.result["usage"] is not None:
-          figures.usage_after[self.rows[-1].model] = after.result["usage"]
+          trained = self.finetuned(task, pruned, label, num_experts=size, seed=seed,
+                                   router_warmup=rest is None, full_steps=rest,
+                                   data_offset=offset)
+        self._row(task, "pruned", size, seed, self.scored(task, trained), source=source,
+                  method=method, before=before)
 
-  def _add_row(self, task: StudyTask, scored: cache_lib.Stage, *, kind: str,
-               num_experts: int, source: int = 0, spec: MethodSpec | None = None,
-               before: cache_lib.Stage | None = None) -> None:
-    self.rows.append(report.ResultRow(
-        task=task.name, kind=kind, num_experts=num_experts, source_experts=source,
-        method="" if spec is None else spec.method,
-        router="" if spec is None else spec.router or "",
-        score=float(scored.result["score"]),
-        score_before_finetune=None if before is None else float(before.result["score"]),
-        metric=self.config.task_metric(task), seed=self.config.seed))
+  def _row(self, task, kind, num_experts, seed, score, **kwargs) -> None:
+    self.row_specs.append(RowSpec(task, kind, num_experts, seed, score, **kwargs))
 
-  def source_similarity(self, task: str) -> dict[str, np.ndarray]:
-    """{MoE layer: [E, E] router-logit similarity of the plotted source on the task}."""
-    logits = self.figures[task].logits
-    return {name: features.router_similarity(h)
-            for name, h in stages.load_logits(logits.path("logits.npz")).items()}
+  # ----------------------------------------------------------------------------------------
+  # Running.
+
+  def run(self, progress: Progress | None = None) -> list[report.ResultRow]:
+    """Runs (or reads from the cache) every stage of `plan()`; returns the result rows."""
+    specs = self.plan()
+    self._progress = progress
+    try:
+      for spec in specs:
+        if progress is not None:
+          progress.start(spec, cached=self.cache.is_done(spec))
+        stage = self.finished(spec)
+        if progress is not None:
+          progress.finish(spec, stage)
+    finally:
+      self._progress = None
+    self.rows = [self._result_row(row) for row in self.row_specs]
+    return self.rows
+
+  def _result_row(self, row: RowSpec) -> report.ResultRow:
+    score = self.done[row.score.key].result
+    before = None if row.before is None else self.done[row.before.key].result
+    metric = self.config.task_metric(row.task)
+    return report.ResultRow(
+        task=row.task.name, kind=row.kind, num_experts=row.num_experts,
+        source_experts=row.source, seed=row.seed,
+        method="" if row.method is None else row.method.method,
+        router="" if row.method is None else ", ".join(
+            p for p in (row.method.router, row.method.features) if p),
+        score=float(score["score"]), metric=metric,
+        score_before_finetune=None if before is None else float(before["score"]),
+        secondary=score["metrics"].get(f"{metric}_at_capacity"))
+
+
+def _slug(num_experts: int) -> str:
+  return "dense" if num_experts == 0 else f"e{num_experts}"
+
+
+def _with_inputs(*specs: StageSpec | None) -> list[StageSpec]:
+  """The specs and everything they read, inputs first (a topological order)."""
+  ordered: list[StageSpec] = []
+
+  def visit(spec):
+    if spec is None or spec in ordered:
+      return
+    for item in spec.inputs:
+      visit(item)
+    ordered.append(spec)
+  for spec in specs:
+    visit(spec)
+  return ordered

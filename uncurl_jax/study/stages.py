@@ -1,23 +1,26 @@
-"""The work of each study stage besides training: router logits, pruning, scores.
+"""The work of each study stage besides training: task statistics, pruning, scores.
 
 `study.runner` decides which stages run and caches them (`study.cache`); training is
-`study.training.StageTrainer`; the functions here do the other stages' work with the
-project's modules: logits through `pruning.collect_router_logits`, pruning through
+`study.training.StageTrainer`; `StageWork` does the other stages' work with the
+project's modules: statistics through `pruning.collect_expert_stats`, pruning through
 `pruning.plan_pruning` / `apply_plan`, scores through seqio's Evaluator with
 `evaluation.ModelOutputs` (rank classification) or through `evaluation.evaluate_loss`
-(language modelling). One compiled scorer per expert count serves every model scored.
+(language modelling, and the answer accuracy of the knowledge tasks). One compiled
+scorer per expert count serves every model scored. It also knows each stage's settings
+(its key) and an estimate of its cost (for progress and the ETA).
 
 Example:
-  >>> logits = router_logits(config, params, batches, max_tokens=8192)
-  >>> small, summary = prune_model("/tmp/prune", params=params, logits=logits,
-  ...                              num_experts=8, method="uncurl", router="reinit", seed=0,
-  ...                              init_std=0.02)
+  >>> work = StageWork(study_config)
+  >>> result = work.collect_stats("/tmp/stats", task, 32, params)      # stats.npz
+  >>> small, summary = work.prune("/tmp/prune", params=params, stats_dir="/tmp/stats",
+  ...                             method=MethodSpec("uncurl", "merge"), num_experts=8, seed=0)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import jax
 import numpy as np
@@ -58,7 +61,7 @@ def restore_params(checkpoint_dir: str, *, config: configs.ModelConfig,
 
 
 # ------------------------------------------------------------------------------------------
-# Router logits and expert usage.
+# Task statistics.
 
 
 def task_batches(*, task: str, settings: Any, batch_size: int,
@@ -67,16 +70,9 @@ def task_batches(*, task: str, settings: Any, batch_size: int,
   length = settings.length
   max_batches = max(1, -(-max_tokens // (batch_size * length)) * 4)  # prompts are short
   return list(pipeline.eval_batches(mixture_or_task_name=task,
-                                task_feature_lengths=dict(settings.task_feature_lengths),
-                                batch_size=batch_size, split="train", pack=False,
-                                max_batches=max_batches))
-
-
-def router_logits(config: configs.ModelConfig, params: Any, batches: Sequence[Mapping[str, Any]],
-                  *, max_tokens: int) -> dict[str, np.ndarray]:
-  """{MoE layer: [tokens, E] raw router logits} of the model on the task batches."""
-  return pruning.collect_router_logits(decoder.SMoEDecoder(config), params, batches,
-                                       max_tokens=max_tokens)
+                                    task_feature_lengths=dict(settings.task_feature_lengths),
+                                    batch_size=batch_size, split="train", pack=settings.pack,
+                                    max_batches=max_batches))
 
 
 def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, list[float]]:
@@ -84,24 +80,39 @@ def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, 
   return {name: features.selection_frequencies(h, top_k).tolist() for name, h in logits.items()}
 
 
-def save_logits(path: str, logits: Mapping[str, np.ndarray]) -> None:
-  # npz member names cannot hold '/', the separator of layer paths.
-  np.savez(path, **{name.replace("/", "|"): h for name, h in logits.items()})
+STATS_FILE = "stats.npz"
+_STATS_FIELDS = ("logits", "top1_counts", "topk_counts", "reap", "mean_output")
 
 
-def load_logits(path: str) -> dict[str, np.ndarray]:
+def save_stats(path: str, stats: Mapping[str, pruning.ExpertStats]) -> None:
+  """Writes {layer: ExpertStats} to one npz file (member names: '<field>|<layer>')."""
+  arrays = {f"{field}|{name.replace('/', ':')}": getattr(value, field)
+            for name, value in stats.items() for field in _STATS_FIELDS}
+  arrays.update({f"top_k|{name.replace('/', ':')}": np.asarray(value.top_k)
+                 for name, value in stats.items()})
+  np.savez(path, **arrays)
+
+
+def load_stats(path: str) -> dict[str, pruning.ExpertStats]:
+  """Reads `save_stats`'s file back."""
   with np.load(path) as archive:
-    return {name.replace("|", "/"): archive[name] for name in archive.files}
+    fields: dict[str, dict[str, Any]] = {}
+    for member in archive.files:
+      field, name = member.split("|", 1)
+      fields.setdefault(name.replace(":", "/"), {})[field] = archive[member]
+  return {name: pruning.ExpertStats(**{**values, "top_k": int(values["top_k"])})
+          for name, values in fields.items()}
 
 
 # ------------------------------------------------------------------------------------------
 # Pruning.
 
 
-def prune_model(directory: str, *, params: Any, logits: Mapping[str, np.ndarray] | None,
-                num_experts: int, method: str, router: str | None, seed: int, init_std: float,
-                top_k: int = 1, pretrained_params: Any = None) -> tuple[Any, dict]:
-  """Prunes `params` to `num_experts` per layer; writes the params and the plan.
+def prune_model(directory: str, *, params: Any, stats: Mapping[str, pruning.ExpertStats],
+                num_experts: int, method: Any, seed: int, init_std: float, top_k: int = 1,
+                pretrained_params: Any = None) -> tuple[Any, dict]:
+  """Prunes `params` to `num_experts` per layer by `method` (a MethodSpec); writes the
+  params and the plan.
 
   MC-SMoE allocates its experts globally, `num_experts` per layer on average, so its
   layers may keep different counts (the model then has `layer_num_experts`). Selection
@@ -116,17 +127,142 @@ def prune_model(directory: str, *, params: Any, logits: Mapping[str, np.ndarray]
   """
   host_params = jax.device_get(params)
   kwargs = {} if pretrained_params is None else {"pretrained_params": pretrained_params}
-  plan = pruning.plan_pruning(host_params, logits, num_experts, method=method, router=router,
-                              seed=seed, router_init_std=init_std, top_k=top_k, **kwargs)
+  if method.features is not None:
+    kwargs["features"] = method.features
+  plan = pruning.plan_pruning(host_params, stats, num_experts, method=method.method,
+                              router=method.router, seed=seed, router_init_std=init_std,
+                              top_k=top_k, **kwargs)
   small = pruning.apply_plan(host_params, plan)
   with open(os.path.join(directory, "plan.json"), "w") as f:
     f.write(plan.to_json())
   checkpoints.save_params(os.path.join(directory, PARAMS_DIR), small,
-                          metadata={"method": method, "router": plan.router})
+                          metadata={"method": method.method, "router": plan.router})
   summary = {"router": plan.router, "experts_per_layer": plan.num_experts,
              "labels": {name: list(layer.labels) for name, layer in plan.layers.items()},
              "anchors": {name: list(layer.anchors) for name, layer in plan.layers.items()}}
   return small, summary
+
+
+class StageWork:
+  """The work, settings (keys) and costs of the study's stages other than training.
+
+  Costs are in units of one pretraining step (its tokens), for progress and the ETA.
+
+  Args:
+    config: The study's StudyConfig.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    self._unit = config.pretrain.batch_size * config.pretrain.length
+    self._batches: dict[str, list] = {}
+    self._scorers: dict[Any, Any] = {}
+
+  # Keys: everything that changes a stage's output.
+
+  def stats_key(self, task) -> dict:
+    cfg = self.config
+    return {"task": task.name, "max_tokens": cfg.logits_max_tokens,
+            "batch_size": cfg.eval_batch_size, "pack": cfg.finetune.pack,
+            "feature_lengths": dict(cfg.finetune.task_feature_lengths)}
+
+  def prune_key(self, method, num_experts: int, seed: int) -> dict:
+    cfg = self.config
+    return {"method": dataclasses.asdict(method), "num_experts": num_experts, "seed": seed,
+            "init_std": cfg.model.init_std, "top_k": cfg.model.top_k}
+
+  def score_key(self, task) -> dict:
+    cfg = self.config
+    return {"task": dataclasses.asdict(task), "metric": cfg.task_metric(task),
+            "num_examples": cfg.eval_num_examples, "eval_batches": cfg.eval_batches,
+            "batch_size": cfg.eval_batch_size, "usage_max_tokens": cfg.usage_max_tokens,
+            "feature_lengths": dict(cfg.finetune.task_feature_lengths),
+            "dropless": cfg.score_dropless}
+
+  # Costs, in pretraining steps.
+
+  def train_cost(self, settings) -> float:
+    return settings.steps * settings.batch_size * settings.length / self._unit
+
+  def stats_cost(self) -> float:
+    return 2.0 * self.config.logits_max_tokens / self._unit
+
+  def prune_cost(self, method) -> float:
+    return 20.0 if method.method in ("uncurl", "frequency_merge", "mc_smoe") else 5.0
+
+  def score_cost(self) -> float:
+    cfg = self.config
+    tokens = (cfg.eval_batches or 8) * cfg.eval_batch_size * cfg.finetune.length
+    return (tokens * (2 if cfg.score_dropless else 1) + cfg.usage_max_tokens) / (3 * self._unit)
+
+  # Work.
+
+  def task_batches(self, task) -> list:
+    """The first training batches of `task` (statistics and expert usage)."""
+    if task.name not in self._batches:
+      cfg = self.config
+      self._batches[task.name] = task_batches(
+          task=task.name, settings=cfg.finetune, batch_size=cfg.eval_batch_size,
+          max_tokens=max(cfg.logits_max_tokens, cfg.usage_max_tokens))
+    return self._batches[task.name]
+
+  def collect_stats(self, directory: str, task, num_experts: int, params: Any) -> dict:
+    """Writes a source's task statistics to `directory/stats.npz`; returns its usage."""
+    config = configs.with_expert_counts(self.config.model, num_experts)
+    stats = pruning.collect_expert_stats(decoder.SMoEDecoder(config), params,
+                                         self.task_batches(task),
+                                         max_tokens=self.config.logits_max_tokens,
+                                         progress=False)
+    save_stats(os.path.join(directory, STATS_FILE), stats)
+    return {"tokens": next(iter(stats.values())).num_tokens,
+            "usage": expert_usage({n: s.logits for n, s in stats.items()}, config.top_k)}
+
+  def prune(self, directory: str, *, params: Any, stats_dir: str, method, num_experts: int,
+            seed: int, pretrained_params: Any = None) -> tuple[Any, dict]:
+    cfg = self.config
+    return prune_model(directory, params=params,
+                       stats=load_stats(os.path.join(stats_dir, STATS_FILE)),
+                       num_experts=num_experts, method=method, seed=seed,
+                       init_std=cfg.model.init_std, top_k=cfg.model.top_k,
+                       pretrained_params=pretrained_params)
+
+  def score(self, task, params: Any) -> dict:
+    """The task's metrics (dropless when configured; then also at capacity) and usage."""
+    cfg = self.config
+    metric = cfg.task_metric(task)
+    config = model_config(cfg.model, params)
+    scorer = self._scorer(task)
+    if cfg.score_dropless and config.num_experts:
+      metrics = scorer(dataclasses.replace(config, dropless=True), params)
+      metrics[f"{metric}_at_capacity"] = scorer(config, params)[metric]
+    else:
+      metrics = scorer(config, params)
+    if metric not in metrics:
+      raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
+                       f"{task}; set the task's metric ('task:eval_task:metric')")
+    usage = None
+    if config.num_experts:
+      logits = pruning.collect_router_logits(decoder.SMoEDecoder(config), params,
+                                             self.task_batches(task),
+                                             max_tokens=cfg.usage_max_tokens, progress=False)
+      usage = expert_usage(logits, config.top_k)
+    return {"metrics": metrics, "score": metrics[metric], "usage": usage}
+
+  def _scorer(self, task):
+    if task not in self._scorers:
+      cfg = self.config
+      lengths = dict(cfg.finetune.task_feature_lengths)
+      if task.eval_task is None:
+        self._scorers[task] = LossScorer(
+            task=task.name, task_feature_lengths=lengths, pack=cfg.finetune.pack,
+            batch_size=cfg.eval_batch_size, max_batches=cfg.eval_batches,
+            mesh=cfg.runtime.mesh)
+      else:
+        self._scorers[task] = TaskScorer(
+            eval_task=task.eval_task, task_feature_lengths=lengths,
+            num_examples=cfg.eval_num_examples, batch_size=cfg.eval_batch_size,
+            mesh=cfg.runtime.mesh)
+    return self._scorers[task]
 
 
 # ------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import loop
-from uncurl_jax.train import metrics as metrics_lib
 from uncurl_jax.train import schedules
 from uncurl_jax.train import trainer as trainer_lib
 
@@ -45,23 +44,25 @@ class StageTrainer:
 
   Args:
     mesh: The device mesh.
-    seed: Initialization, dropout and data-order seed of every stage.
     checkpoint_every_steps: Checkpoint period (and at the end).
-    log_every_steps: Progress-line period (and at the end).
+    log_every_steps: Period of the progress updates (and at the end).
     max_cached_tokens: Keep a procedure's batches in memory up to this many tokens.
+    unit_tokens: Tokens of one unit of work reported to `on_steps` (default: a step).
   """
 
-  def __init__(self, *, mesh: jax.sharding.Mesh, seed: int, checkpoint_every_steps: int,
-               log_every_steps: int = 50, max_cached_tokens: int = MAX_CACHED_TOKENS):
+  def __init__(self, *, mesh: jax.sharding.Mesh, checkpoint_every_steps: int,
+               log_every_steps: int = 50, max_cached_tokens: int = MAX_CACHED_TOKENS,
+               unit_tokens: int | None = None):
     for name, value in (("checkpoint_every_steps", checkpoint_every_steps),
                         ("log_every_steps", log_every_steps)):
       if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    self.mesh, self.seed = mesh, seed
+    self.mesh = mesh
     self._checkpoint_every, self._log_every = checkpoint_every_steps, log_every_steps
-    self._max_cached_tokens = max_cached_tokens
+    self._max_cached_tokens, self._unit_tokens = max_cached_tokens, unit_tokens
     self._trainers: dict[str, trainer_lib.Trainer] = {}
     self._batches: dict[str, list] = {}
+    self._streams: dict[str, Iterator[dict]] = {}
 
   def _trainer(self, config: configs.ModelConfig, settings, *, router_warmup: bool,
                dropping: schedules.ProgressiveDropping | None) -> trainer_lib.Trainer:
@@ -82,18 +83,22 @@ class StageTrainer:
     return dict(mixture_or_task_name=task,
                 task_feature_lengths=dict(settings.task_feature_lengths))
 
-  def _train_batches(self, task: str, settings, start_step: int) -> Iterator[dict]:
-    """The batches of steps start_step, start_step + 1, ... (the order `train.train` uses)."""
+  def _train_batches(self, task: str, settings, seed: int, first: int, last: int
+                     ) -> Iterator[dict]:
+    """The batches of steps first, ..., last - 1 of `task`'s stream (the order
+    `train.run.train` uses). Procedures of one task share the stream, read once."""
     args = dict(self._data_args(task, settings), global_batch_size=settings.batch_size,
-                seed=self.seed, pack=settings.pack)
-    tokens = settings.steps * settings.batch_size * settings.length
-    if tokens > self._max_cached_tokens:
-      return pipeline.train_dataset(**args, start_step=start_step).as_numpy_iterator()
-    key = cache_lib.config_key({**args, "steps": settings.steps})
+                seed=seed, pack=settings.pack)
+    if last * settings.batch_size * settings.length > self._max_cached_tokens:
+      return itertools.islice(pipeline.train_dataset(**args, start_step=first)
+                              .as_numpy_iterator(), last - first)
+    key = cache_lib.config_key(args)
     if key not in self._batches:
-      stream = pipeline.train_dataset(**args).as_numpy_iterator()
-      self._batches[key] = list(itertools.islice(stream, settings.steps))
-    return iter(self._batches[key][start_step:])
+      self._batches[key] = []
+      self._streams[key] = pipeline.train_dataset(**args).as_numpy_iterator()
+    cached = self._batches[key]
+    cached.extend(itertools.islice(self._streams[key], max(0, last - len(cached))))
+    return iter(cached[first:last])
 
   def _probe(self, task: str, settings, dropping) -> Callable[[], list] | None:
     if dropping is None:
@@ -105,9 +110,10 @@ class StageTrainer:
       self._batches[key] = list(pipeline.eval_batches(**args))
     return lambda: self._batches[key]
 
-  def train(self, directory: str, *, config: configs.ModelConfig, settings, task: str,
-            init_params: Any, router_warmup: bool = False,
-            dropping: schedules.ProgressiveDropping | None = None) -> tuple[Any, dict]:
+  def train(self, directory: str, *, config: configs.ModelConfig, settings, seed: int,
+            task: str, init_params: Any, router_warmup: bool = False,
+            dropping: schedules.ProgressiveDropping | None = None, data_offset: int = 0,
+            on_steps: Callable[[float], None] | None = None) -> tuple[Any, dict]:
     """Trains into `directory`, resuming from its newest checkpoint if there is one.
 
     Args:
@@ -116,8 +122,12 @@ class StageTrainer:
       settings: A `study.config.TrainSettings`.
       task: seqio task or mixture trained on.
       init_params: Starting params, or None for a random initialization.
+      seed: Initialization, dropout and data-order seed.
       router_warmup: Begin with `settings.router_warmup_steps` router-only steps.
       dropping: Progressive expert dropping, or None.
+      data_offset: Start at this batch of the task's stream (a procedure continuing
+        another's data).
+      on_steps: Called with the work done (in pretraining steps) as training advances.
 
     Returns:
       (final params, JSON summary: final expert count, steps, first step trained by this
@@ -127,19 +137,26 @@ class StageTrainer:
       config = trainer_lib.config_for_params(config, init_params, adapt=True)
     run = self._trainer(config, settings, router_warmup=router_warmup, dropping=dropping)
     manager = checkpoints.make_manager(os.path.join(directory, "checkpoints"), keep=1)
-    rng = jax.random.key(self.seed)
+    rng = jax.random.key(seed)
+    unit = settings.batch_size * settings.length / (self._unit_tokens or
+                                                     settings.batch_size * settings.length)
     try:
       # A resumed stage restarts from its checkpoint, whatever init_params are.
       state = run.initial_state(manager, rng=jax.random.fold_in(rng, 0), init_params=init_params)
-      start = int(state.step)
-      progress = metrics_lib.ProgressMeter(total_steps=settings.steps, start_step=start)
+      start, logged = int(state.step), [int(state.step)]
+
+      def on_log(step, variant, scalars):
+        del variant, scalars
+        if on_steps is not None:
+          on_steps((step - logged[0]) * unit)
+        logged[0] = step
+      batches = self._train_batches(task, settings, seed, data_offset + start,
+                                    data_offset + settings.steps)
       state, history = loop.train_loop(
-          run, state, self._train_batches(task, settings, start), manager=manager,
-          total_steps=settings.steps, dropout_rng=jax.random.fold_in(rng, 1),
-          checkpoint_every=self._checkpoint_every, log_every=self._log_every,
-          probe=self._probe(task, settings, dropping),
-          on_log=lambda step, variant, scalars: progress.update(
-              step=step, metrics={"loss": scalars["loss"], "experts": scalars["num_experts"]}))
+          run, state, batches, manager=manager, total_steps=settings.steps,
+          dropout_rng=jax.random.fold_in(rng, 1), checkpoint_every=self._checkpoint_every,
+          log_every=self._log_every, probe=self._probe(task, settings, dropping),
+          on_log=on_log)
     finally:
       manager.wait_until_finished()
       manager.close()

@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Any, Callable, Mapping
 
 from absl import logging
 import jax
+import tqdm
 
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
@@ -210,11 +212,16 @@ _PROGRESS_ORDER = ("loss", "cross_entropy", "accuracy", "auxiliary_loss", "route
 
 
 class _RunLogger:
-  """Progress lines, TensorBoard events (MODEL_DIR/train, MODEL_DIR/eval), evaluations."""
+  """A progress bar with the run's ETA and its main metrics, TensorBoard events
+  (MODEL_DIR/train, MODEL_DIR/eval) and a line per evaluation (also logged)."""
 
   def __init__(self, model_dir: str, *, total_steps: int, start_step: int,
                evaluator: evaluation.Evaluation | None):
     self.progress = metrics_lib.ProgressMeter(total_steps=total_steps, start_step=start_step)
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stdout,
+                         disable=jax.process_index() != 0,
+                         mininterval=0.5 if sys.stdout.isatty() else 30.0)
+    self._step = start_step
     self.train_writer = metrics_lib.TensorBoardWriter(os.path.join(model_dir, "train"))
     self.eval_writer = metrics_lib.TensorBoardWriter(os.path.join(model_dir, "eval"))
     self.evaluator = evaluator
@@ -225,18 +232,23 @@ class _RunLogger:
     shown = [k for k in _PROGRESS_ORDER if k in scalars]
     shown += sorted(set(scalars) - set(shown) - {"num_tokens"})
     self.progress.update(step=step, metrics={k: scalars[k] for k in shown})
+    self.bar.set_postfix({k: f"{scalars[k]:.4g}" for k in shown[:3]}, refresh=False)
+    self.bar.update(step - self._step)
+    self._step = step
     self.train_writer.write_scalars(step, {**scalars, **self.progress.rates()})
 
   def evaluate(self, step: int, state: step_lib.TrainState,
                variant: trainer_lib.Variant) -> None:
     results = self.evaluator.run(state.params, apply_fn=variant.model.apply,
                                  eval_step=variant.eval_step, step=step)
-    logging.info("eval at step %d: %s", step,
-                 ", ".join(f"{k} {v:.4g}" for k, v in sorted(results.items())))
+    line = f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(results.items()))
+    logging.info("%s", line)
+    self.bar.write(line, file=sys.stdout)
     self.eval_writer.write_scalars(step, results)
     self.eval_history.append((step, results))
 
   def close(self) -> None:
+    self.bar.close()
     self.train_writer.close()
     self.eval_writer.close()
 

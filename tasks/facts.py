@@ -1,0 +1,81 @@
+"""The world of memorized facts (`uncurl_jax.data.facts`) as seqio tasks.
+
+`register_world(name, world)` registers two tasks over the world's own token ids (a
+pass-through vocabulary, no text):
+
+- `<name>_pretrain`: every fact of the world ("train"; "validation" holds the same facts,
+  for monitoring memorization);
+- `<name>_task`: the target task: "train" = the finetuning facts of the task's topics,
+  "validation" = their held-out facts (the scored items).
+
+A fact is a prefix-LM example (inputs: the prompt tokens; targets: the value), so the
+loss and token accuracy count the value only; with packing, each fact is its own segment.
+The default world is registered as `facts`; `WORLDS` holds the registered worlds.
+
+Example:
+  >>> import uncurl_jax.tasks
+  >>> ds = seqio.get_dataset("facts_task", {"inputs": 24, "targets": 8},
+  ...                        feature_converter=seqio.DecoderFeatureConverter(pack=True),
+  ...                        dataset_split="validation")
+"""
+
+from __future__ import annotations
+
+import functools
+
+import seqio
+import tensorflow as tf
+
+from uncurl_jax.data import facts
+from uncurl_jax.tasks import vocab
+
+# The study's default world: 32 topics; the task's 8 topics have more subjects so that
+# it has >= 2,500 held-out items; see docs/study.md for the design search behind it.
+DEFAULT_WORLD = facts.FactWorld()
+WORLDS: dict[str, facts.FactWorld] = {}
+_SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune"},
+           "validation": {"pretrain": "pretrain", "task": "task_eval"}}
+
+
+def fact_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
+                 world: facts.FactWorld, part: str) -> tf.data.Dataset:
+  """The facts of a world's split as {'inputs', 'targets'} (a FunctionDataSource function).
+
+  The content and order of a split are fixed (seqio shuffles the examples).
+  """
+  del shuffle_files, seed
+  if split not in _SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {tuple(_SPLITS)}")
+  return tf.data.Dataset.from_tensor_slices(world.examples(_SPLITS[split][part]))
+
+
+def _features(world: facts.FactWorld) -> dict[str, seqio.Feature]:
+  vocabulary = seqio.PassThroughVocabulary(size=world.vocab_size, eos_id=facts.EOS)
+  return {name: seqio.Feature(vocabulary, add_eos=False, dtype=tf.int32)
+          for name in ("inputs", "targets")}
+
+
+def register_world(name: str, world: facts.FactWorld) -> list[str]:
+  """Registers `<name>_pretrain` and `<name>_task` over `world`; returns their names.
+
+  Example:
+    >>> register_world("facts_small", facts.FactWorld(num_topics=4, subjects_per_topic=8,
+    ...                                                task_topics=(0,)))
+    ['facts_small_pretrain', 'facts_small_task']
+  """
+  names = []
+  for part in ("pretrain", "task"):
+    sizes = {split: len(world.facts(mapping[part])) for split, mapping in _SPLITS.items()}
+    source = seqio.FunctionDataSource(
+        functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
+        num_input_examples=sizes)
+    vocab.add_task(f"{name}_{part}", source=source, output_features=_features(world),
+                   preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
+    names.append(f"{name}_{part}")
+  WORLDS[name] = world
+  return names
+
+
+def register() -> list[str]:
+  """Registers the default world as `facts_pretrain` / `facts_task`."""
+  return register_world("facts", DEFAULT_WORLD)

@@ -1,0 +1,162 @@
+"""A token-level world of memorized facts for the study: many topics, few per task.
+
+Every (subject, topic) pair of the world has a value, an independent uniform draw from
+`num_values` value tokens: knowledge that can only be memorized, never inferred. A fact
+is one example with the prompt (by default `subject topic`) as its inputs and the value
+as its single target, so the loss and the score fall on the value alone, the
+knowledge-dependent prediction. Packed rows hold many facts of mixed topics, each its
+own segment (attention stays inside a fact).
+
+A target task is a few topics. Its subjects are split once (by the world's seed) into
+finetuning subjects and held-out subjects: finetuning sees only the former's facts,
+scoring only the latter's, which the model saw in pretraining only. So a score measures
+what the pretrained model knows, not how fast finetuning teaches. The task topics may be
+larger than the others (`task_subjects_per_topic`) so that a task has thousands of
+independent scored items while the world's total stays within a CPU budget.
+
+Token ids: 0 padding, 1 end of sequence (unused), then subjects, topics, values; the
+vocabulary is padded to a multiple of 16.
+
+Example:
+  >>> world = FactWorld()
+  >>> world.num_facts, world.num_task_items
+  >>> examples = world.examples("pretrain")       # {'inputs': [N, 2], 'targets': [N, 1]}
+  >>> held_out = world.examples("task_eval")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+PAD, EOS = 0, 1
+SPLITS = ("pretrain", "task_finetune", "task_eval")
+PROMPT_PARTS = ("subject", "topic")
+
+
+@dataclasses.dataclass(frozen=True)
+class FactWorld:
+  """The facts, the task's topics and its finetune / held-out split (all fixed by `seed`).
+
+  Attributes:
+    num_topics: Topics (relations); well beyond the small model's expert count.
+    num_values: Value tokens; a fact is right by chance with 1 / num_values.
+    subjects_per_topic: Subjects with a fact in each topic outside the task.
+    task_topics: The target task's topics.
+    task_subjects_per_topic: Subjects of each task topic (None: `subjects_per_topic`).
+    finetune_fraction: Share of a task topic's subjects whose facts finetuning sees.
+    prompt: The inputs of a fact, e.g. ("subject", "topic") or ("topic", "subject",
+      "topic"); the value follows the last token.
+    seed: Seed of the values and of the split.
+  """
+
+  num_topics: int = 32
+  num_values: int = 64
+  subjects_per_topic: int = 200
+  task_topics: tuple[int, ...] = tuple(range(8))
+  task_subjects_per_topic: int | None = None
+  finetune_fraction: float = 0.2
+  prompt: tuple[str, ...] = ("subject", "topic")
+  seed: int = 2409
+
+  def __post_init__(self):
+    for name in ("num_topics", "num_values", "subjects_per_topic"):
+      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+        raise ValueError(f"FactWorld.{name} must be a positive int, got {getattr(self, name)!r}")
+    topics = tuple(self.task_topics)
+    if not topics or len(set(topics)) != len(topics) or not all(
+        0 <= t < self.num_topics for t in topics):
+      raise ValueError(f"FactWorld.task_topics must be distinct topics in [0, "
+                       f"{self.num_topics}), got {topics}")
+    object.__setattr__(self, "task_topics", topics)
+    if self.task_subjects_per_topic is not None and self.task_subjects_per_topic < 2:
+      raise ValueError(f"task_subjects_per_topic must be None or >= 2, got "
+                       f"{self.task_subjects_per_topic}")
+    if not 0.0 < self.finetune_fraction < 1.0:
+      raise ValueError(f"finetune_fraction must be in (0, 1), got {self.finetune_fraction}")
+    if not self.prompt or any(p not in PROMPT_PARTS for p in self.prompt) or \
+        "subject" not in self.prompt or "topic" not in self.prompt:
+      raise ValueError(f"prompt must use both of {PROMPT_PARTS}, got {self.prompt}")
+    object.__setattr__(self, "prompt", tuple(self.prompt))
+
+  # Sizes and token ids.
+
+  def subjects(self, topic: int) -> int:
+    """Subjects with a fact in `topic`."""
+    if topic in self.task_topics and self.task_subjects_per_topic is not None:
+      return self.task_subjects_per_topic
+    return self.subjects_per_topic
+
+  @property
+  def max_subjects(self) -> int:
+    return max(self.subjects(t) for t in range(self.num_topics))
+
+  @property
+  def num_facts(self) -> int:
+    return sum(self.subjects(t) for t in range(self.num_topics))
+
+  @property
+  def num_task_items(self) -> int:
+    """Held-out facts of the task: its independent scored items."""
+    return len(self._split()[1])
+
+  @property
+  def vocab_size(self) -> int:
+    used = 2 + self.max_subjects + self.num_topics + self.num_values
+    return -(-used // 16) * 16
+
+  def subject_token(self, subject):
+    return 2 + np.asarray(subject)
+
+  def topic_token(self, topic):
+    return 2 + self.max_subjects + np.asarray(topic)
+
+  def value_token(self, value):
+    return 2 + self.max_subjects + self.num_topics + np.asarray(value)
+
+  # Facts.
+
+  @functools.cached_property
+  def values(self) -> np.ndarray:
+    """[num_topics, max_subjects] the value of every fact (subjects beyond a topic's count
+    have none: -1)."""
+    rng = np.random.default_rng([self.seed, 0])
+    table = rng.integers(0, self.num_values, (self.num_topics, self.max_subjects))
+    for topic in range(self.num_topics):
+      table[topic, self.subjects(topic):] = -1
+    return table
+
+  @functools.cache
+  def _split(self) -> tuple[np.ndarray, np.ndarray]:
+    """(finetune, held-out) facts of the task as [n, 2] (topic, subject) arrays."""
+    rng = np.random.default_rng([self.seed, 1])
+    finetune, held_out = [], []
+    for topic in self.task_topics:
+      subjects = rng.permutation(self.subjects(topic))
+      cut = max(1, round(self.finetune_fraction * len(subjects)))
+      finetune += [(topic, s) for s in np.sort(subjects[:cut])]
+      held_out += [(topic, s) for s in np.sort(subjects[cut:])]
+    return np.asarray(finetune, np.int64), np.asarray(held_out, np.int64)
+
+  def facts(self, split: str) -> np.ndarray:
+    """[n, 2] (topic, subject) pairs of `split`: every fact of the world ("pretrain"), the
+    task's finetuning facts ("task_finetune") or its held-out facts ("task_eval")."""
+    if split == "pretrain":
+      return np.asarray([(t, s) for t in range(self.num_topics)
+                         for s in range(self.subjects(t))], np.int64)
+    if split == "task_finetune":
+      return self._split()[0]
+    if split == "task_eval":
+      return self._split()[1]
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+  def examples(self, split: str) -> dict[str, np.ndarray]:
+    """{'inputs': [n, len(prompt)], 'targets': [n, 1]} int32 token ids of `split`'s facts."""
+    facts = self.facts(split)
+    topics, subjects = facts[:, 0], facts[:, 1]
+    parts = {"subject": self.subject_token(subjects), "topic": self.topic_token(topics)}
+    inputs = np.stack([parts[p] for p in self.prompt], axis=1)
+    targets = self.value_token(self.values[topics, subjects])[:, None]
+    return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
