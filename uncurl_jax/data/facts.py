@@ -14,6 +14,10 @@ what the pretrained model knows, not how fast finetuning teaches. The task topic
 larger than the others (`task_subjects_per_topic`) so that a task has thousands of
 independent scored items while the world's total stays within a CPU budget.
 
+With `typed_answers`, each topic answers from its own `num_values` value tokens (as
+relations have typed answers: years, cities, ...), so a deeper router that keys on the
+partly computed answer still sees the topic; otherwise all topics share them.
+
 Token ids: 0 padding, 1 end of sequence (unused), then subjects, topics, values; the
 vocabulary is padded to a multiple of 16.
 
@@ -42,7 +46,8 @@ class FactWorld:
 
   Attributes:
     num_topics: Topics (relations); well beyond the small model's expert count.
-    num_values: Value tokens; a fact is right by chance with 1 / num_values.
+    num_values: Values a fact can take; right by chance with 1 / num_values.
+    typed_answers: Each topic has its own `num_values` value tokens (else shared).
     subjects_per_topic: Subjects with a fact in each topic outside the task.
     task_topics: The target task's topics.
     task_subjects_per_topic: Subjects of each task topic (None: `subjects_per_topic`).
@@ -54,6 +59,7 @@ class FactWorld:
 
   num_topics: int = 32
   num_values: int = 64
+  typed_answers: bool = False
   subjects_per_topic: int = 200
   task_topics: tuple[int, ...] = tuple(range(8))
   task_subjects_per_topic: int | None = None
@@ -103,8 +109,12 @@ class FactWorld:
     return len(self._split()[1])
 
   @property
+  def num_value_tokens(self) -> int:
+    return self.num_values * (self.num_topics if self.typed_answers else 1)
+
+  @property
   def vocab_size(self) -> int:
-    used = 2 + self.max_subjects + self.num_topics + self.num_values
+    used = 2 + self.max_subjects + self.num_topics + self.num_value_tokens
     return -(-used // 16) * 16
 
   def subject_token(self, subject):
@@ -113,8 +123,9 @@ class FactWorld:
   def topic_token(self, topic):
     return 2 + self.max_subjects + np.asarray(topic)
 
-  def value_token(self, value):
-    return 2 + self.max_subjects + self.num_topics + np.asarray(value)
+  def value_token(self, value, topic):
+    offset = np.asarray(topic) * self.num_values if self.typed_answers else 0
+    return 2 + self.max_subjects + self.num_topics + offset + np.asarray(value)
 
   # Facts.
 
@@ -158,5 +169,5 @@ class FactWorld:
     topics, subjects = facts[:, 0], facts[:, 1]
     parts = {"subject": self.subject_token(subjects), "topic": self.topic_token(topics)}
     inputs = np.stack([parts[p] for p in self.prompt], axis=1)
-    targets = self.value_token(self.values[topics, subjects])[:, None]
+    targets = self.value_token(self.values[topics, subjects], topics)[:, None]
     return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}

@@ -71,7 +71,8 @@ def write_report(study: runner.Study, output_dir: str) -> dict[str, str]:
              "scores": os.path.join(output_dir, "scores.png"),
              "pruning_factor": os.path.join(output_dir, "pruning_factor.png")}
   report.write_csv(rows, written["csv"])
-  table = report.markdown_table(rows, lower_is_better=config.lower_is_better)
+  table = report.markdown_table(rows, lower_is_better=config.lower_is_better,
+                                items=study.items())
   with open(written["markdown"], "w") as f:
     f.write(_markdown_report(study, table))
   plots.plot_scores(rows, written["scores"])
@@ -125,14 +126,15 @@ def _markdown_report(study: runner.Study, table: str) -> str:
     counts[status.value] = counts.get(status.value, 0) + 1
   tasks = ", ".join(f"{t.name} ({config.task_metric(t)} of "
                     f"{t.eval_task or 'its validation split'})" for t in config.tasks)
-  found = statistics.findings(rows, pairs=list(config.pairs))
+  items = study.items()
+  found = statistics.findings(rows, pairs=list(config.pairs), items=items)
   return "\n".join([
       f"# Study '{config.name}' (seeds {list(config.seeds)})", "",
       f"Tasks and scores: {tasks}; {direction} is better. Mean ± standard error over seeds; "
       "a pruned model is marked + / - where its paired difference to the model of the same "
       "size trained from scratch exceeds two standard errors (paper Table 2).", "",
       "## After finetuning", "", table, "",
-      "## Paired differences", "", report.differences_table(rows), "",
+      "## Paired differences", "", report.differences_table(rows, items=items), "",
       "## The paper's findings", "", report.findings_text(found), "",
       "## Right after pruning (before finetuning)", "",
       report.markdown_table(rows, before_finetune=True), "",
@@ -181,7 +183,8 @@ def run_study(config: config_lib.StudyConfig, *, compilation_cache: bool = True,
       "model from scratch):\n")
   out(files["table"])
   out("\nThe paper's findings:\n")
-  out(report.findings_text(statistics.findings(study.rows, pairs=list(config.pairs))))
+  out(report.findings_text(statistics.findings(study.rows, pairs=list(config.pairs),
+                                               items=study.items())))
   out(f"\n{ran} of {len(study.cache.events)} stages computed, the rest cached; "
       f"{seconds:.0f} s. Report in {config.output_dir}:")
   for name, path in files.items():

@@ -33,6 +33,8 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+import numpy as np
+
 from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
 from uncurl_jax.study import report
@@ -215,8 +217,7 @@ class Study:
   def scored(self, task: StudyTask, model: StageSpec) -> StageSpec:
     """Metrics of a model stage on the task, and its expert usage on the task's tokens."""
     def work(directory):
-      del directory  # the result is the whole output
-      return self._work.score(task, self.params(model))
+      return self._work.score(directory, task, self.params(model))
     return self.cache.plan(f"score-{model.name}", self._work.score_key(task), work,
                            inputs=[model], cost=self._work.score_cost(), kind="score")
 
@@ -301,6 +302,15 @@ class Study:
       self._progress = None
     self.rows = [self._result_row(row) for row in self.row_specs]
     return self.rows
+
+  def items(self) -> dict[tuple[str, str, int], np.ndarray]:
+    """{(task, model label, seed): per-item scores} of the rows whose scores have items."""
+    out = {}
+    for spec, row in zip(self.row_specs, self.rows):
+      path = os.path.join(spec.score.directory, stages.ITEMS_FILE)
+      if os.path.exists(path):
+        out[(row.task, row.model, row.seed)] = np.load(path)
+    return out
 
   def _result_row(self, row: RowSpec) -> report.ResultRow:
     score = self.done[row.score.key].result

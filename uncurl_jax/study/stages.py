@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping
 
@@ -81,6 +82,7 @@ def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, 
 
 
 STATS_FILE = "stats.npz"
+ITEMS_FILE = "items.npy"  # a score stage's per-item scores (0/1)
 _STATS_FIELDS = ("logits", "top1_counts", "topk_counts", "reap", "mean_output")
 
 
@@ -226,17 +228,20 @@ class StageWork:
                        init_std=cfg.model.init_std, top_k=cfg.model.top_k,
                        pretrained_params=pretrained_params)
 
-  def score(self, task, params: Any) -> dict:
-    """The task's metrics (dropless when configured; then also at capacity) and usage."""
+  def score(self, directory: str, task, params: Any) -> dict:
+    """The task's metrics (dropless when configured; then also at capacity) and usage; the
+    per-item scores of an LM-scored task go to `directory/items.npy`."""
     cfg = self.config
     metric = cfg.task_metric(task)
     config = model_config(cfg.model, params)
     scorer = self._scorer(task)
-    if cfg.score_dropless and config.num_experts:
-      metrics = scorer(dataclasses.replace(config, dropless=True), params)
+    scored = dataclasses.replace(config, dropless=True) if (
+        cfg.score_dropless and config.num_experts) else config
+    metrics = scorer(scored, params)
+    if scored is not config:
       metrics[f"{metric}_at_capacity"] = scorer(config, params)[metric]
-    else:
-      metrics = scorer(config, params)
+    if isinstance(scorer, LossScorer):
+      np.save(os.path.join(directory, ITEMS_FILE), scorer.items(scored, params))
     if metric not in metrics:
       raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
                        f"{task}; set the task's metric ('task:eval_task:metric')")
@@ -331,6 +336,7 @@ class LossScorer:
         mixture_or_task_name=task, task_feature_lengths=dict(task_feature_lengths),
         batch_size=batch_size, split="validation", pack=pack, max_batches=max_batches))
     self._steps: dict[configs.ModelConfig, Any] = {}
+    self._correct: dict[configs.ModelConfig, Any] = {}
 
   def __call__(self, config: configs.ModelConfig, params: Any) -> dict[str, float]:
     if config not in self._steps:
@@ -339,3 +345,11 @@ class LossScorer:
     metrics = evaluation.evaluate_loss(self._steps[config], params, self._batches,
                                        sharding=partitioning.batch_sharding(self._mesh))
     return {**metrics, "accuracy": 100.0 * metrics["accuracy"]}
+
+  def items(self, config: configs.ModelConfig, params: Any) -> np.ndarray:
+    """[items] 0/1: each scored token right or wrong (the accuracy's items), in order."""
+    if config not in self._correct:
+      self._correct[config] = jax.jit(functools.partial(
+          evaluation.token_correct, apply_fn=decoder.SMoEDecoder(config).apply))
+    return evaluation.item_scores(self._correct[config], params, self._batches,
+                                  sharding=partitioning.batch_sharding(self._mesh))

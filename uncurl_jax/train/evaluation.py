@@ -79,6 +79,37 @@ def evaluate_loss(eval_step: Callable, params: Any, batches: Iterable[Mapping[st
   return mean_metrics(per_batch)
 
 
+def token_correct(params: Any, batch: Mapping[str, jax.Array], *,
+                  apply_fn: Callable) -> jax.Array:
+  """[B, L] 1 where the argmax prediction equals the target token, 0 elsewhere (padding and
+  weight-0 positions included: select them with the loss weights).
+
+  Example:
+    >>> correct = jax.jit(functools.partial(token_correct, apply_fn=model.apply))(p, batch)
+  """
+  logits = apply_fn({"params": params}, **_model_inputs(batch), enable_dropout=False)
+  return (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.int8)
+
+
+def item_scores(correct_fn: Callable, params: Any, batches: Iterable[Mapping[str, np.ndarray]],
+                *, sharding: jax.sharding.Sharding) -> np.ndarray:
+  """[items] 0/1 correctness of every scored token (loss weight > 0), in batch order.
+
+  Per-item scores let two models evaluated on the same items be compared item by item
+  (the paired standard error of a single run).
+
+  Example:
+    >>> items = item_scores(jax.jit(functools.partial(token_correct, apply_fn=model.apply)),
+    ...                     params, batches, sharding=sharding)
+  """
+  scores = []
+  for batch in batches:
+    correct = np.asarray(jax.device_get(correct_fn(params, pipeline.to_global_replicated(
+        batch, sharding))))
+    scores.append(correct[np.asarray(batch["decoder_loss_weights"]) > 0])
+  return np.concatenate(scores).astype(np.int8)
+
+
 def _model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return {name: batch[name] for name in _MODEL_INPUTS if name in batch}
 

@@ -1,0 +1,76 @@
+"""The world of memorized facts: its facts, splits and token ids, and its seqio tasks."""
+
+import numpy as np
+import pytest
+import seqio
+
+import uncurl_jax.tasks  # noqa: F401  (registers the seqio tasks)
+from uncurl_jax.data import facts
+from uncurl_jax.tasks import facts as fact_tasks
+
+WORLD = facts.FactWorld(num_topics=6, num_values=8, typed_answers=True, subjects_per_topic=10,
+                        task_topics=(1, 4), task_subjects_per_topic=20,
+                        finetune_fraction=0.25, seed=7)
+
+
+def test_facts_values_and_splits():
+  assert WORLD.num_facts == 4 * 10 + 2 * 20
+  finetune, held_out = WORLD.facts("task_finetune"), WORLD.facts("task_eval")
+  assert len(finetune) == 2 * 5 and len(held_out) == WORLD.num_task_items == 2 * 15
+  pairs = lambda a: {tuple(p) for p in a}
+  assert not pairs(finetune) & pairs(held_out)                  # disjoint subjects
+  assert pairs(finetune) | pairs(held_out) <= pairs(WORLD.facts("pretrain"))
+  assert set(held_out[:, 0]) == {1, 4}
+  # The same world (seed) gives the same facts; another seed other values.
+  again = facts.FactWorld(**{f: getattr(WORLD, f) for f in WORLD.__dataclass_fields__})
+  np.testing.assert_array_equal(again.values, WORLD.values)
+  other = facts.FactWorld(num_topics=6, num_values=8, subjects_per_topic=10,
+                          task_topics=(1, 4), seed=8)
+  assert not np.array_equal(other.values[:, :10], WORLD.values[:, :10])
+
+
+def test_token_ids_of_a_fact():
+  examples = WORLD.examples("task_eval")
+  topic, subject = WORLD.facts("task_eval")[0]
+  assert examples["inputs"][0].tolist() == [2 + subject, 2 + 20 + topic]
+  value = WORLD.values[topic, subject]
+  assert examples["targets"][0, 0] == 2 + 20 + 6 + topic * 8 + value   # typed: topic's own
+  all_targets = WORLD.examples("pretrain")["targets"][:, 0]
+  assert all_targets.min() >= 2 + 20 + 6 and all_targets.max() < WORLD.vocab_size
+  assert WORLD.vocab_size % 16 == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(task_topics=(0, 9)), "task_topics"),
+    (dict(task_topics=(1, 1)), "task_topics"),
+    (dict(finetune_fraction=1.0), "finetune_fraction"),
+    (dict(prompt=("topic",)), "prompt"),
+    (dict(num_values=0), "num_values"),
+    (dict(task_subjects_per_topic=1), "task_subjects_per_topic"),
+])
+def test_bad_worlds_are_refused(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    facts.FactWorld(num_topics=6, **{"task_topics": (0, 1), **kwargs})
+  with pytest.raises(ValueError, match="unknown split"):
+    WORLD.facts("test")
+
+
+def test_seqio_tasks_score_the_value_only_and_pack_facts_as_segments():
+  names = fact_tasks.register_world("facts_test", WORLD)
+  assert names == ["facts_test_pretrain", "facts_test_task"]
+  ds = seqio.get_dataset("facts_test_task", {"inputs": 12, "targets": 4},
+                         feature_converter=seqio.DecoderFeatureConverter(pack=True),
+                         dataset_split="validation", shuffle=False)
+  rows = list(ds.as_numpy_iterator())
+  weights = np.concatenate([r["decoder_loss_weights"].ravel() for r in rows])
+  targets = np.concatenate([r["decoder_target_tokens"].ravel() for r in rows])
+  segments = np.concatenate([r["decoder_segment_ids"].ravel() for r in rows])
+  assert weights.sum() == WORLD.num_task_items          # one scored token per fact
+  expected = WORLD.examples("task_eval")["targets"][:, 0]
+  np.testing.assert_array_equal(np.sort(targets[weights > 0]), np.sort(expected))
+  # Every fact is its own segment of 3 tokens (subject, topic, value).
+  row = rows[0]
+  ids, counts = np.unique(row["decoder_segment_ids"][row["decoder_segment_ids"] > 0],
+                          return_counts=True)
+  assert len(ids) == 5 and set(counts) == {3}
+  assert segments.max() >= 5
