@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from absl import logging
 import flax.linen as nn
 from flax.linen import partitioning
 import jax
@@ -330,6 +331,9 @@ class MoeLayer(nn.Module):
     forward = functools.partial(moe_forward, config=cfg, train=not deterministic)
     mesh = _expert_parallel_mesh(cfg)
     if mesh is not None:
+      # Once per trace: tells a run (e.g. under t5x) that the all-to-all path is taken.
+      logging.info("MoE layer %s: expert-parallel over %d expert shards (all-to-all)",
+                   "/".join(self.scope.path), mesh.shape["expert"])
       forward = functools.partial(expert_parallel_forward, config=cfg,
                                   train=not deterministic, mesh=mesh)
     y, logits, stats = forward(x, router_kernel, experts)
