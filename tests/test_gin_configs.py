@@ -316,7 +316,7 @@ def _make_t5x_stand_ins():
       "t5x.contrib.moe.trainer": dict(MoeTrainer=_signature(
           "model=None, train_state=None, partitioner=None, eval_names=None, summary_dir=None, "
           "train_state_axes=None, rng=None, learning_rate_fn=None, num_microbatches=None, "
-          "num_expert_partitions=1, sharded_match_fn=None, weight_metrics_computer=None")),
+          "num_expert_partitions=1, sharded_match_fn='.*expert.*', weight_metrics_computer=None")),
   }
   modules = {}
   for package in ("t5x", "t5x.contrib", "t5x.contrib.moe"):
@@ -396,6 +396,8 @@ def test_t5x_train_files_configure_the_moe_model_partitioner_and_trainer(
   expert_partitions = int(bindings.get("NUM_EXPERT_PARTITIONS", 1))
   assert train["partitioner"].kwargs["num_expert_partitions"] == expert_partitions
   assert train["trainer_cls"]().kwargs["num_expert_partitions"] == expert_partitions
+  # The MoE layers' expert gradients are exact: no rescaling by the expert-parallel size.
+  assert train["trainer_cls"]().kwargs["sharded_match_fn"] is None
   dataset = train["train_dataset_cfg"].kwargs
   seqio.get_mixture_or_task(dataset["mixture_or_task_name"])
   assert sum(dataset["task_feature_lengths"].values()) <= model["module"].config.max_length
