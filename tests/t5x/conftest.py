@@ -30,7 +30,7 @@ _MISSING = None
 def pytest_collection_modifyitems(config, items):
   del config
   global _MISSING
-  ours = [item for item in items if _HERE in pathlib.Path(str(item.fspath)).parents]
+  ours = [item for item in items if _HERE in pathlib.Path(item.path).parents]
   if not ours:
     return
   if _MISSING is None:

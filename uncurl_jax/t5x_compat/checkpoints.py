@@ -54,13 +54,18 @@ def resolve_checkpoint(path: str) -> str:
 def load_params(path: str) -> tuple[dict[str, Any], int]:
   """(params as nested dicts of numpy arrays, step) of a t5x checkpoint.
 
+  Reads on the host whatever devices wrote the checkpoint.
+
   Args:
     path: A `checkpoint_<step>` directory, or a model directory (its newest checkpoint).
   """
-  path = resolve_checkpoint(path)
-  state = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"))
-  params = jax.tree.map(np.asarray, state["target"])
-  return params, int(np.asarray(state["state"]["step"]))
+  state_dir = os.path.join(resolve_checkpoint(path), "state")
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(state_dir).item_metadata.tree
+  # Host numpy arrays: the checkpoint may come from another device count or mesh.
+  as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  state = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+  return state["target"], int(np.asarray(state["state"]["step"]))
 
 
 def save_params(model_dir: str, params: Any, *, params_axes: Any, step: int) -> str:
