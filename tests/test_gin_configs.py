@@ -205,6 +205,12 @@ train/utils.DatasetConfig:
   split = 'train'
   batch_size = %BATCH_SIZE
   use_cached = %USE_CACHED_TASKS
+train_script.train.infer_eval_dataset_cfg = @infer_eval/utils.DatasetConfig()
+infer_eval/utils.DatasetConfig:
+  mixture_or_task_name = %MIXTURE_OR_TASK_NAME
+  task_feature_lengths = None  # t5x: compute max
+  split = 'validation'
+  batch_size = %BATCH_SIZE
 utils.CheckpointConfig.save = @utils.SaveCheckpointConfig()
 utils.CheckpointConfig.restore = @utils.RestoreCheckpointConfig()
 utils.RestoreCheckpointConfig.path = %INITIAL_CHECKPOINT_PATH
@@ -218,7 +224,6 @@ MIXTURE_OR_TASK_NAME = %gin.REQUIRED
 CHECKPOINT_PATH = %gin.REQUIRED
 EVAL_OUTPUT_DIR = %gin.REQUIRED
 TASK_FEATURE_LENGTHS = None
-MIXTURE_OR_TASK_SPLIT = 'test'
 eval_script.evaluate:
   model = %MODEL
   dataset_cfg = @utils.DatasetConfig()
@@ -227,9 +232,35 @@ eval_script.evaluate:
 utils.DatasetConfig:
   mixture_or_task_name = %MIXTURE_OR_TASK_NAME
   task_feature_lengths = %TASK_FEATURE_LENGTHS
-  split = %MIXTURE_OR_TASK_SPLIT
+  split = 'test'  # t5x's eval.gin hard-codes it (there is no split macro)
   batch_size = 32
 utils.RestoreCheckpointConfig.path = %CHECKPOINT_PATH
+""",
+    "infer.gin": """
+from __gin__ import dynamic_registration
+import __main__ as infer_script
+from t5x import utils
+MIXTURE_OR_TASK_NAME = %gin.REQUIRED
+TASK_FEATURE_LENGTHS = %gin.REQUIRED
+CHECKPOINT_PATH = %gin.REQUIRED
+INFER_OUTPUT_DIR = %gin.REQUIRED
+infer_script.infer:
+  mode = 'predict'
+  model = %MODEL
+  output_dir = %INFER_OUTPUT_DIR
+  dataset_cfg = @utils.DatasetConfig()
+  restore_checkpoint_cfg = @utils.RestoreCheckpointConfig()
+  shard_id = 0
+  num_shards = 1
+utils.DatasetConfig:
+  mixture_or_task_name = %MIXTURE_OR_TASK_NAME
+  task_feature_lengths = %TASK_FEATURE_LENGTHS
+  split = 'test'
+  batch_size = 32
+utils.RestoreCheckpointConfig:
+  path = %CHECKPOINT_PATH
+  mode = 'specific'
+  dtype = 'bfloat16'
 """,
 }
 
@@ -264,7 +295,9 @@ def _make_t5x_stand_ins():
           CheckpointConfig=_signature("save=None, restore=None"),
           SaveCheckpointConfig=_signature("period=None, dtype='float32', keep=None, "
                                           "save_dataset=False"),
-          RestoreCheckpointConfig=_signature("path, mode='latest', dtype='float32'"),
+          RestoreCheckpointConfig=_signature(
+              "path, mode='latest', assignment_map=None, strict=True, "
+              "fallback_to_scratch=False, dtype='float32'"),
           create_learning_rate_scheduler=_signature(
               "factors='constant', base_learning_rate=0.5, warmup_steps=1000, decay_factor=0.5, "
               "steps_per_decay=20000, steps_per_cycle=100000, step_offset=0, "
@@ -284,7 +317,7 @@ def _make_t5x_stand_ins():
       "t5x.contrib.moe.trainer": dict(MoeTrainer=_signature(
           "model=None, train_state=None, partitioner=None, eval_names=None, summary_dir=None, "
           "train_state_axes=None, rng=None, learning_rate_fn=None, num_microbatches=None, "
-          "num_expert_partitions=1, sharded_match_fn=None, weight_metrics_computer=None")),
+          "num_expert_partitions=1, sharded_match_fn='.*expert.*', weight_metrics_computer=None")),
   }
   modules = {}
   for package in ("t5x", "t5x.contrib", "t5x.contrib.moe"):
@@ -297,7 +330,8 @@ def _make_t5x_stand_ins():
     parent, child = name.rsplit(".", 1)
     setattr(modules[parent], child, modules[name])
   entry_points = types.SimpleNamespace(train=type("train", (_Record,), {}),
-                                       evaluate=type("evaluate", (_Record,), {}))
+                                       evaluate=type("evaluate", (_Record,), {}),
+                                       infer=type("infer", (_Record,), {}))
   return modules, entry_points
 
 
@@ -318,6 +352,7 @@ def t5x_stand_ins(monkeypatch, tmp_path):
   main = sys.modules["__main__"]
   monkeypatch.setattr(main, "train", entry_points.train, raising=False)
   monkeypatch.setattr(main, "evaluate", entry_points.evaluate, raising=False)
+  monkeypatch.setattr(main, "infer", entry_points.infer, raising=False)
   runs = tmp_path / "t5x" / "configs" / "runs"
   runs.mkdir(parents=True)
   for name, text in _T5X_BASE_RUNS.items():
@@ -351,19 +386,30 @@ def test_t5x_train_files_configure_the_moe_model_partitioner_and_trainer(
   experts = int(bindings.get("NUM_EXPERTS", 8))
   assert model["module"].config.num_experts == experts
   assert (model["aux_loss_factor"], model["router_z_loss_factor"]) == (0.01, 0.001)
+  # The MoE losses are per-token means: the cross-entropy must be one too.
+  assert model["loss_normalizing_factor"] == "NUM_REAL_TARGET_TOKENS"
   assert model["vocabulary"].vocab_size <= model["module"].config.vocab_size
   (transformation,) = model["optimizer_def"].kwargs["transformations"]
   assert callable(transformation.update)  # this project's optax AdamW
   assert type(train["partitioner"]).__name__ == "MoePjitPartitioner"
+  assert type(train["partitioner"]).__module__ == "uncurl_jax.t5x_compat.partitioning"
   assert train["trainer_cls"].__name__ == "MoeTrainer"
   expert_partitions = int(bindings.get("NUM_EXPERT_PARTITIONS", 1))
   assert train["partitioner"].kwargs["num_expert_partitions"] == expert_partitions
   assert train["trainer_cls"]().kwargs["num_expert_partitions"] == expert_partitions
+  # The MoE layers' expert gradients are exact: no rescaling by the expert-parallel size.
+  assert train["trainer_cls"]().kwargs["sharded_match_fn"] is None
   dataset = train["train_dataset_cfg"].kwargs
   seqio.get_mixture_or_task(dataset["mixture_or_task_name"])
   assert sum(dataset["task_feature_lengths"].values()) <= model["module"].config.max_length
   if run_file == "finetune.gin":
     assert dataset["batch_size"] == 64
+    # Params and step from the checkpoint, the optimizer state from scratch.
+    restore = train["checkpoint_cfg"].kwargs["restore"].kwargs
+    assert restore["assignment_map"] == ((r"state/param_states.*", None),)
+    assert restore["fallback_to_scratch"] is True
+    infer_eval = train["infer_eval_dataset_cfg"].kwargs
+    assert infer_eval["task_feature_lengths"] == dataset["task_feature_lengths"]
 
 
 def test_t5x_router_warmup_overlay_freezes_all_but_the_router(t5x_stand_ins):
@@ -400,4 +446,23 @@ def test_t5x_eval_file_evaluates_the_validation_split(t5x_stand_ins):
   evaluate = gin.get_configurable(entry_points.evaluate)().kwargs
   dataset = evaluate["dataset_cfg"].kwargs
   assert dataset["split"] == "validation" and dataset["batch_size"] == 64
+  assert dataset["task_feature_lengths"] == {"inputs": 224, "targets": 32}
   assert evaluate["model"].kwargs["module"].config.num_experts == 8
+  assert type(evaluate["partitioner"]).__module__ == "uncurl_jax.t5x_compat.partitioning"
+
+
+def test_t5x_infer_file_decodes_the_validation_split(t5x_stand_ins):
+  entry_points, base_dir = t5x_stand_ins
+  gin.clear_config()
+  gin.add_config_file_search_path(str(base_dir))
+  gin.parse_config_files_and_bindings(
+      [str(GIN / "t5x/models/tiny.gin"), str(GIN / "t5x/runs/infer.gin")],
+      ["CHECKPOINT_PATH = '/tmp/ckpt'", "INFER_OUTPUT_DIR = '/tmp/infer'",
+       "MIXTURE_OR_TASK_NAME = 'synthetic_city_country'", "INFER_SHARDS = 50"])
+  infer = gin.get_configurable(entry_points.infer)().kwargs
+  dataset = infer["dataset_cfg"].kwargs
+  assert dataset["split"] == "validation" and dataset["task_feature_lengths"] == {
+      "inputs": 224, "targets": 32}
+  assert infer["mode"] == "predict" and infer["num_shards"] == 50
+  assert infer["restore_checkpoint_cfg"].kwargs["dtype"] == "float32"
+  assert type(infer["partitioner"]).__module__ == "uncurl_jax.t5x_compat.partitioning"

@@ -75,9 +75,25 @@ def test_capacity_follows_factors_and_minimum():
   assert dataclasses.replace(cfg, dropless=True).capacity(64, train=True) == 64
 
 
+@pytest.mark.parametrize("top_k,factor,tokens,want", [
+    (1, 1.0, 64, 8),     # round(1.0 * 64 / 8)
+    (2, 1.0, 64, 8),     # top_k does not enter t5x's formula ("top_k" gives 16)
+    (2, 1.25, 60, 9),    # round(9.375)
+    (1, 1.0, 20, 4),     # round(2.5) = 2 (to even, as Python) raised to the minimum 4
+    (1, 1.0, 52, 6),     # round(6.5) = 6
+    (1, 1.0, 60, 8),     # round(7.5) = 8
+])
+def test_capacity_formula_t5x_is_flaxformers_rounding(top_k, factor, tokens, want):
+  cfg = configs.get("tiny", num_experts=8, top_k=top_k, eval_capacity_factor=factor,
+                    capacity_formula="t5x")
+  assert cfg.capacity(tokens, train=False) == want
+  assert dataclasses.replace(cfg, dropless=True).capacity(tokens, train=False) == tokens * top_k
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(num_heads=5), "num_heads=5"),
     (dict(d_model=0), "d_model"),
+    (dict(capacity_formula="flaxformer"), "capacity_formula"),
     (dict(num_experts=-1), "num_experts"),
     (dict(num_experts=2, top_k=3), "top_k=3"),
     (dict(moe_offset=2), "moe_offset=2"),

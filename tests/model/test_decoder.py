@@ -16,7 +16,7 @@ from uncurl_jax.model.attention import MultiHeadAttention, dot_product_attention
 from uncurl_jax.model.decoder import SMoEDecoder
 
 INTERMEDIATE_NAMES = {"auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
-                      "expert_usage", "router_confidence"}
+                      "expert_usage", "router_confidence", "routed_probability"}
 # Blocks 0 and 2 are MoE (dropless, so routing never depends on the batch), block 1 dense.
 MOE = configs.get("tiny", vocab_size=97, max_length=24, d_model=32, d_ff=64, num_heads=4,
                   num_layers=3, num_experts=4, dropless=True)

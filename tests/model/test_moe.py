@@ -101,10 +101,11 @@ def test_parameter_layout_and_logical_axes():
   assert "router_logits" not in variables
 
 
+@pytest.mark.parametrize("capacity_formula", ["top_k", "t5x"])
 @pytest.mark.parametrize("dispatch", ["einsum", "gather"])
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_layer_matches_numpy_reference(dispatch, top_k):
-  config = make_config(top_k, "drop", dispatch=dispatch)
+def test_layer_matches_numpy_reference(dispatch, top_k, capacity_formula):
+  config = make_config(top_k, "drop", dispatch=dispatch, capacity_formula=capacity_formula)
   params, x = random_params(config), random_input(config)
   y, state = jax.jit(lambda p, x: apply_layer(config, p, x))(params, x)
   capacity = config.capacity(LENGTH, train=False)
@@ -120,6 +121,10 @@ def test_layer_matches_numpy_reference(dispatch, top_k):
   np.testing.assert_allclose(inter["fraction_tokens_left_behind"],
                              1 - kept.any(-1).mean(), rtol=1e-6)
   probs = np.exp(logits - lse[..., None])
+  kept_gates = np.where(kept, -np.sort(-probs, -1)[..., :top_k], 0.0)
+  np.testing.assert_allclose(inter["router_confidence"], kept_gates.sum() / kept.sum(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(inter["routed_probability"], kept_gates.sum(-1).mean(), rtol=1e-5)
   chosen = np.zeros_like(probs)
   np.put_along_axis(chosen, np.argsort(-probs, -1)[..., :top_k], 1.0, axis=-1)
   aux = 8 * np.mean(np.sum(chosen.mean(1) * probs.mean(1), -1))

@@ -72,7 +72,9 @@ def test_capacity_positions_top1_hand_example():
   np.testing.assert_allclose(stats["fraction_tokens_left_behind"], 2 / 5)
   np.testing.assert_allclose(stats["expert_usage"], 3 / 4)
   p = np.exp(1) / (1 + np.exp(1))  # gate of every token's first choice
-  np.testing.assert_allclose(stats["router_confidence"], 3 * p / 5, rtol=1e-6)
+  # flaxformer's router_confidence: mean gate over the 3 dispatched choices.
+  np.testing.assert_allclose(stats["router_confidence"], p, rtol=1e-6)
+  np.testing.assert_allclose(stats["routed_probability"], 3 * p / 5, rtol=1e-6)
 
 
 def test_capacity_positions_top2_priority_order():
@@ -89,8 +91,10 @@ def test_capacity_positions_top2_priority_order():
   np.testing.assert_allclose(stats["fraction_tokens_left_behind"], 0.0)
   np.testing.assert_allclose(stats["expert_usage"], 5 / 6)
   probs = np.asarray(routing.probs[0])
-  confidence = (probs[0, 0] + probs[0, 1] + probs[1, 0] + probs[1, 2] + probs[2, 1]) / 3
-  np.testing.assert_allclose(stats["router_confidence"], confidence, rtol=1e-6)
+  kept_gates = probs[0, 0] + probs[0, 1] + probs[1, 0] + probs[1, 2] + probs[2, 1]
+  # Five dispatched choices (t2's second choice dropped), three tokens.
+  np.testing.assert_allclose(stats["router_confidence"], kept_gates / 5, rtol=1e-6)
+  np.testing.assert_allclose(stats["routed_probability"], kept_gates / 3, rtol=1e-6)
 
 
 def test_dispatch_and_combine_masks_match_routing():

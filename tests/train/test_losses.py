@@ -37,7 +37,8 @@ def _intermediates(aux_values, z_values):
     layers[f"layers_{2 * i}"] = {"mlp": {
         "auxiliary_loss": (jnp.float32(aux),), "router_z_loss": (jnp.float32(z),),
         "fraction_tokens_left_behind": (jnp.float32(0.1 * i),),
-        "expert_usage": (jnp.float32(0.5),), "router_confidence": (jnp.float32(0.9),)}}
+        "expert_usage": (jnp.float32(0.5),), "router_confidence": (jnp.float32(0.9),),
+        "routed_probability": (jnp.float32(0.8),)}}
   return layers
 
 

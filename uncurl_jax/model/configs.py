@@ -22,6 +22,7 @@ ARCHITECTURE_FIELDS = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads
                        "tie_embeddings")
 EXPERT_PARALLEL_MODES = ("auto", "never")
 DTYPES = ("float32", "bfloat16")
+CAPACITY_FORMULAS = ("top_k", "t5x")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,11 @@ class ModelConfig:
     eval_capacity_factor: Expert capacity factor in deterministic calls.
     min_capacity: Lower bound on the per-group expert capacity.
     dropless: If True, capacity is large enough that no token is dropped.
+    capacity_formula: How a capacity factor f becomes slots per expert for a group of S
+      tokens: "top_k" (default) `ceil(f * S * top_k / E)`, room for every choice at
+      f = 1; "t5x" `round(f * S / E)` as flaxformer's MoeLayer computes it (top_k does
+      not enter), so a t5x/flaxformer capacity factor means the same here. Both are
+      raised to `min_capacity`.
     group_size: Tokens per routing group (capacity is per group); None routes
       each sequence as one group.
     dispatch: "einsum" (one-hot dispatch/combine masks, the t5x way) or
@@ -78,6 +84,7 @@ class ModelConfig:
   eval_capacity_factor: float = 1.0
   min_capacity: int = 4
   dropless: bool = False
+  capacity_formula: str = "top_k"
   group_size: int | None = None
   dispatch: str = "einsum"
   expert_parallel: str = "auto"
@@ -118,6 +125,7 @@ class ModelConfig:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
     if self.group_size is not None and self.group_size < 1:
       raise ValueError(f"group_size must be None or >= 1, got {self.group_size}")
+    _check_choice("capacity_formula", self.capacity_formula, CAPACITY_FORMULAS)
     _check_choice("dispatch", self.dispatch, DISPATCH_MODES)
     _check_choice("expert_parallel", self.expert_parallel, EXPERT_PARALLEL_MODES)
     _check_choice("dtype", self.dtype, DTYPES)
@@ -154,11 +162,19 @@ class ModelConfig:
     return dataclasses.replace(self, num_experts=experts, layer_num_experts=None)
 
   def capacity(self, group_size: int, *, train: bool) -> int:
-    """Expert capacity (slots per expert) for a routing group of `group_size` tokens."""
+    """Expert capacity (slots per expert) for a routing group of `group_size` tokens.
+
+    Example: with E=8, top_k=2 and factor 1.0, 64 tokens get 16 slots ("top_k") or 8
+    ("t5x"); see `capacity_formula`.
+    """
     if self.dropless:
       return group_size * self.top_k
     factor = self.train_capacity_factor if train else self.eval_capacity_factor
-    slots = math.ceil(factor * group_size * self.top_k / self.num_experts)
+    if self.capacity_formula == "t5x":
+      # Python's round, as flaxformer (halves go to the even neighbour).
+      slots = int(round(factor * group_size / self.num_experts))
+    else:
+      slots = math.ceil(factor * group_size * self.top_k / self.num_experts)
     return max(self.min_capacity, slots)
 
 

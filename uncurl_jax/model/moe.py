@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
+from absl import logging
 import flax.linen as nn
 from flax.linen import partitioning
 import jax
@@ -29,8 +30,9 @@ from uncurl_jax.model import router
 from uncurl_jax.model.configs import ModelConfig
 from uncurl_jax.model.partitioning import BATCH_AXES
 
+# The first five are the names t5x's MoeDecoderOnlyModel reads (flaxformer's definitions).
 INTERMEDIATE_NAMES = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_behind",
-                      "expert_usage", "router_confidence")
+                      "expert_usage", "router_confidence", "routed_probability")
 
 
 class ExpertWeights(NamedTuple):
@@ -231,6 +233,20 @@ def _expert_parallel_mesh(config: ModelConfig):
   return mesh
 
 
+def _mean_over_shards(stats: dict[str, jax.Array], axes) -> dict[str, jax.Array]:
+  """Batch-shard means of the scalars, which equal the unsharded values.
+
+  Every shard holds as many groups, so plain means are exact except for
+  `router_confidence`, a ratio over dispatched choices: it is weighted by each shard's
+  dispatched count, which is proportional to its `expert_usage`.
+  """
+  weighted = jax.lax.pmean(stats["router_confidence"] * stats["expert_usage"], axes)
+  stats = jax.lax.pmean(stats, axes)
+  usage = stats["expert_usage"]
+  confidence = jnp.where(usage > 0, weighted / jnp.where(usage > 0, usage, 1.0), 0.0)
+  return {**stats, "router_confidence": confidence}
+
+
 def expert_parallel_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights,
                             *, config: ModelConfig, train: bool, mesh):
   """`moe_forward` under `jax.shard_map`, experts split over the mesh axis 'expert'.
@@ -273,7 +289,7 @@ def expert_parallel_forward(x: jax.Array, router_kernel: jax.Array, experts: Exp
   def local_forward(x_local, kernel, experts_local):
     y, logits, stats = moe_forward(x_local, kernel, experts_local, config=config,
                                    train=train, expert_axis="expert", model_axis=model_axis)
-    return y, logits, jax.lax.pmean(stats, batch_axes)
+    return y, logits, _mean_over_shards(stats, batch_axes)
 
   sharded = jax.shard_map(
       local_forward, mesh=mesh,
@@ -316,6 +332,9 @@ class MoeLayer(nn.Module):
     forward = functools.partial(moe_forward, config=cfg, train=not deterministic)
     mesh = _expert_parallel_mesh(cfg)
     if mesh is not None:
+      # Once per trace: tells a run (e.g. under t5x) that the all-to-all path is taken.
+      logging.info("MoE layer %s: expert-parallel over %d expert shards (all-to-all)",
+                   "/".join(self.scope.path), mesh.shape["expert"])
       forward = functools.partial(expert_parallel_forward, config=cfg,
                                   train=not deterministic, mesh=mesh)
     y, logits, stats = forward(x, router_kernel, experts)

@@ -153,21 +153,32 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
 
 
 def routing_diagnostics(routing: Routing, capacity: int) -> dict[str, jax.Array]:
-  """Scalar routing statistics under the names t5x's MoE model reads.
+  """Scalar routing statistics under the names t5x's MoE model reads (and one more).
+
+  The first three are defined as flaxformer's MoE layer defines them, so a t5x user's
+  dashboards mean the same here.
 
   Example: `routing_diagnostics(routing, capacity)['expert_usage']`.
 
   Returns:
     fraction_tokens_left_behind: share of tokens dispatched to no expert at all.
     expert_usage: dispatched choices over total slots (G * E * capacity).
-    router_confidence: mean over tokens of the summed gates of their kept choices.
+    router_confidence: mean gate (router probability) over the dispatched (token, choice)
+      pairs; dropped choices count in neither sum (0 when nothing is dispatched).
+    routed_probability: mean over tokens of the summed gates of their kept choices, the
+      share of router probability that reaches the output (this project's former
+      `router_confidence`; dropped tokens count as 0).
   """
   groups, tokens, _ = routing.kept.shape
   num_experts = routing.probs.shape[-1]
   kept = routing.kept.astype(jnp.float32)
   dispatched_somewhere = jnp.max(kept, axis=-1)
+  dispatched = jnp.sum(kept)
+  kept_gates = jnp.sum(kept * routing.gate)
   return {
       "fraction_tokens_left_behind": 1.0 - jnp.mean(dispatched_somewhere),
-      "expert_usage": jnp.sum(kept) / (groups * num_experts * capacity),
-      "router_confidence": jnp.mean(jnp.sum(kept * routing.gate, axis=-1)),
+      "expert_usage": dispatched / (groups * num_experts * capacity),
+      "router_confidence": jnp.where(dispatched > 0,
+                                     kept_gates / jnp.maximum(dispatched, 1.0), 0.0),
+      "routed_probability": kept_gates / (groups * tokens),
   }

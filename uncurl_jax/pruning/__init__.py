@@ -17,8 +17,11 @@ from uncurl_jax.pruning.clustering import CLUSTER_METHODS
 from uncurl_jax.pruning.collect import collect_router_logits
 from uncurl_jax.pruning.features import ExpertStats
 from uncurl_jax.pruning.layout import DEFAULT_LAYOUT
+from uncurl_jax.pruning.layout import MAXTEXT_LAYOUT
+from uncurl_jax.pruning.layout import T5X_GATED_LAYOUT
 from uncurl_jax.pruning.layout import T5X_LAYOUT
 from uncurl_jax.pruning.layout import MoeLayout
+from uncurl_jax.pruning.layout import detect_layout
 from uncurl_jax.pruning.layout import expert_counts
 from uncurl_jax.pruning.layout import find_moe_layers
 from uncurl_jax.pruning.merge import ROUTER_MODES
@@ -39,8 +42,10 @@ from uncurl_jax.pruning.validate import default_num_experts
 __all__ = [
     "CLUSTER_METHODS",
     "DEFAULT_LAYOUT",
+    "MAXTEXT_LAYOUT",
     "METHODS",
     "ROUTER_MODES",
+    "T5X_GATED_LAYOUT",
     "T5X_LAYOUT",
     "ExpertAlignment",
     "ExpertStats",
@@ -53,6 +58,7 @@ __all__ = [
     "collect_expert_stats",
     "collect_router_logits",
     "default_num_experts",
+    "detect_layout",
     "expert_counts",
     "find_moe_layers",
     "plan_pruning",

@@ -1,13 +1,17 @@
 """Weight-matching alignment of an expert's hidden units to a reference expert.
 
-An expert is x -> act(x @ wi + wi_bias) @ wo + wo_bias; permuting its d_ff hidden units
-(columns of wi, entries of wi_bias, rows of wo) leaves its function unchanged. Before
-averaging two experts we find the permutation P of the member's hidden units that best
-matches the reference (anchor) expert's: maximize over P the sum over hidden units j of
-<in_a[j], in_m[P j]> + <out_a[j], out_m[P j]>, where in[j] = (wi[:, j], wi_bias[j]) and
-out[j] = wo[j, :]. That is a linear assignment on the [f, f] cost
-  C = wi_a^T wi_m + wi_bias_a wi_bias_m^T + wo_a wo_m^T,
-solved exactly by `scipy.optimize.linear_sum_assignment(C, maximize=True)`.
+An expert is x -> act(x @ wi + wi_bias) @ wo + wo_bias, or, gated (GeGLU, SwiGLU),
+x -> (act(x @ gate + gate_bias) * (x @ wi + wi_bias)) @ wo + wo_bias; permuting its d_ff
+hidden units (columns of gate and wi, entries of their biases, rows of wo) leaves its
+function unchanged. Before averaging two experts we find the permutation P of the
+member's hidden units that best matches the reference (anchor) expert's: maximize over P
+the sum over hidden units j of <in_a[j], in_m[P j]> + <out_a[j], out_m[P j]>, where
+in[j] = (wi[:, j], wi_bias[j], gate[:, j], gate_bias[j]) and out[j] = wo[j, :]. That is
+a linear assignment on the [f, f] cost
+  C = wi_a^T wi_m + wi_bias_a wi_bias_m^T + gate_a^T gate_m + gate_bias_a gate_bias_m^T
+      + wo_a wo_m^T,
+solved exactly by `scipy.optimize.linear_sum_assignment(C, maximize=True)`; the gate and
+up projections of a hidden unit move together.
 
 Cost matrices are computed with jax in float32 (on the accelerator when there is one);
 the assignments run in a thread pool: scipy's assignment solver releases the GIL
@@ -56,8 +60,8 @@ class Alignment:
   Attributes:
     permutation: [f] ints; hidden unit j of the aligned member is the member's unit
       permutation[j].
-    score_before: Cosine similarity of the two experts' hidden-unit weights (wi, wi_bias,
-      wo flattened) before alignment.
+    score_before: Cosine similarity of the two experts' hidden-unit weights (wi, wo, the
+      gate and the biases of the hidden units, flattened) before alignment.
     score_after: The same after permuting the member's hidden units.
   """
 
@@ -67,20 +71,25 @@ class Alignment:
 
 
 @jax.jit
-def _stacked_matching_cost(wi, wi_bias, wo, reference, member):
-  """Cost matrix and weight norms for experts `reference` and `member` of a stack."""
+def _stacked_matching_cost(inputs, wo, reference, member):
+  """Cost matrix and weight norms for experts `reference` and `member` of a stack.
+
+  `inputs` holds the stacks whose last axis is the hidden units ([E, d, f] kernels, [E, f]
+  biases; None entries are skipped), `wo` is [E, f, d].
+  """
   highest = jax.lax.Precision.HIGHEST
   f32 = lambda x: x.astype(jnp.float32)
-  wi_r, wi_m = f32(wi[reference]), f32(wi[member])
   wo_r, wo_m = f32(wo[reference]), f32(wo[member])
-  cost = (jnp.einsum("dj,dk->jk", wi_r, wi_m, precision=highest)
-          + jnp.einsum("jd,kd->jk", wo_r, wo_m, precision=highest))
-  sq_r = jnp.sum(wi_r ** 2) + jnp.sum(wo_r ** 2)
-  sq_m = jnp.sum(wi_m ** 2) + jnp.sum(wo_m ** 2)
-  if wi_bias is not None:
-    b_r, b_m = f32(wi_bias[reference]), f32(wi_bias[member])
-    cost = cost + jnp.outer(b_r, b_m)
-    sq_r, sq_m = sq_r + jnp.sum(b_r ** 2), sq_m + jnp.sum(b_m ** 2)
+  cost = jnp.einsum("jd,kd->jk", wo_r, wo_m, precision=highest)
+  sq_r, sq_m = jnp.sum(wo_r ** 2), jnp.sum(wo_m ** 2)
+  for stack in inputs:
+    if stack is None:
+      continue
+    # [d, f] kernels, or [f] biases seen as [1, f].
+    in_r, in_m = f32(stack[reference]).reshape(-1, stack.shape[-1]), f32(
+        stack[member]).reshape(-1, stack.shape[-1])
+    cost = cost + jnp.einsum("dj,dk->jk", in_r, in_m, precision=highest)
+    sq_r, sq_m = sq_r + jnp.sum(in_r ** 2), sq_m + jnp.sum(in_m ** 2)
   return cost, jnp.sqrt(sq_r), jnp.sqrt(sq_m)
 
 
@@ -100,8 +109,8 @@ def matching_cost(weights: layout_lib.MoeLayerWeights, reference: int,
   Example:
     >>> cost, _, _ = matching_cost(layers["layers_0/mlp"], 0, 1)
   """
-  cost, norm_r, norm_m = _stacked_matching_cost(
-      weights.wi_kernel, weights.wi_bias, weights.wo_kernel, reference, member)
+  inputs = (weights.wi_kernel, weights.wi_bias, weights.gate_kernel, weights.gate_bias)
+  cost, norm_r, norm_m = _stacked_matching_cost(inputs, weights.wo_kernel, reference, member)
   return np.asarray(cost), float(norm_r), float(norm_m)
 
 
@@ -180,7 +189,9 @@ def _on_device(weights: layout_lib.MoeLayerWeights) -> layout_lib.MoeLayerWeight
   as_jax = lambda x: None if x is None else jnp.asarray(x)
   return dataclasses.replace(weights, wi_kernel=as_jax(weights.wi_kernel),
                              wi_bias=as_jax(weights.wi_bias),
-                             wo_kernel=as_jax(weights.wo_kernel))
+                             wo_kernel=as_jax(weights.wo_kernel),
+                             gate_kernel=as_jax(weights.gate_kernel),
+                             gate_bias=as_jax(weights.gate_bias))
 
 
 def _align_sequentially(layers, tasks, timings) -> list[Alignment]:

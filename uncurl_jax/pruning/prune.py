@@ -72,7 +72,9 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
     seed: Seed of clustering, random pruning and a re-initialized router.
     top_k: Router choices per token counted in the selection frequencies (the model's
       top_k counts every routed choice; 1 counts first choices, as the paper).
-    layout: Where MoE layers keep their weights (`layout.T5X_LAYOUT` for t5x).
+    layout: Where MoE layers keep their weights: `layout.T5X_LAYOUT` /
+      `T5X_GATED_LAYOUT` for t5x/flaxformer, `MAXTEXT_LAYOUT`, or
+      `layout.detect_layout(params)`.
     pretrained_params: The pretrained model's params (method "router_norm").
     router_init_std: Standard deviation of a re-initialized router (the model's init).
     num_workers: Assignment-solver threads; None: all cores; 0: sequential.
@@ -210,6 +212,10 @@ def _pruned_layer(weights: layout_lib.MoeLayerWeights, layer_plan: LayerPlan,
          "wo_kernel": merge_lib.merge_experts(weights.wo_kernel, merge, permutations, 1)}
   if weights.wi_bias is not None:
     new["wi_bias"] = merge_lib.merge_experts(weights.wi_bias, merge, permutations, 1)
+  if weights.gate_kernel is not None:  # gated experts: the gate's hidden units move along
+    new["gate_kernel"] = merge_lib.merge_experts(weights.gate_kernel, merge, permutations, 2)
+  if weights.gate_bias is not None:
+    new["gate_bias"] = merge_lib.merge_experts(weights.gate_bias, merge, permutations, 1)
   if weights.wo_bias is not None:
     new["wo_bias"] = merge_lib.merge_experts(weights.wo_bias, merge)
   key = jax.random.fold_in(jax.random.key(plan.seed), methods_lib.layer_seed(name))
