@@ -146,10 +146,12 @@ def test_expert_parallel_under_t5x_equals_one_device(workdir, pretrained):
   assert "MoE layer layers_0/mlp: expert-parallel over 2 expert shards" in log
   params, _ = load(workdir / "pretrain_ep" / f"checkpoint_{PRETRAIN_STEPS}")
   assert params["layers_0/mlp/expert/wi/kernel"].shape[0] == 8
+  # Measured: equal to 7 digits. t5x's MoeTrainer rescaling of expert gradients (switched
+  # off by the run files) made them differ by 4e-6 (train) and 1.4e-5 (validation).
   tag = "cross_ent_loss"
   for sub in ("train", "training_eval/synthetic_lm"):
     want = scalar(pretrained / sub, tag)
-    assert scalar(workdir / "pretrain_ep" / sub, tag) == pytest.approx(want, rel=1e-3)
+    assert scalar(workdir / "pretrain_ep" / sub, tag) == pytest.approx(want, rel=1e-5)
 
 
 def test_pruned_t5x_checkpoint_has_fewer_experts_and_the_rest_unchanged(pretrained, pruned):
