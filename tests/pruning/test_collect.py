@@ -223,3 +223,83 @@ def test_anchor_router_reproduces_the_original_on_kept_experts(top_k, method):
     tokens = batch["decoder_input_tokens"]
     np.testing.assert_allclose(_forward(small_cfg)(small, tokens),
                                _forward(cfg)(params, tokens), rtol=1e-5, atol=1e-5)
+
+
+def _duplicate_pairs(params):
+  """Experts 2k and 2k+1 of every MoE layer identical (router columns untouched)."""
+  params = jax.tree.map(np.array, params)
+  for name in MOE_LAYERS:
+    for leaf in jax.tree.leaves(params[name.split("/")[0]]["mlp"]["expert"]):
+      leaf[1::2] = leaf[0::2]
+  return params
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("method, options", [
+    ("hc_smoe", {}), ("uncurl", {"features": "expert_outputs"}), ("mc_smoe", {})])
+def test_bound_router_reproduces_the_original_when_merged_members_are_identical(
+    top_k, method, options):
+  """MC-SMoE's / HC-SMoE's original router: every column kept, bound to its merged
+  expert. Merging identical members and binding their columns changes nothing, while a
+  D-column router ('merge') does change the gates (a softmax over fewer columns)."""
+  cfg = dataclasses.replace(CONFIG, top_k=top_k)
+  params, batches = _duplicate_pairs(_init(cfg)), _batches()
+  stats = pruning.collect_expert_stats(SMoEDecoder(cfg), params, batches, progress=False)
+  plan = pruning.plan_pruning(params, stats, 4, method=method, router="bind", top_k=top_k,
+                              **options)
+  small, small_cfg = pruning.apply_plan(params, plan), pruning.pruned_config(cfg, plan)
+  for name, layer in plan.layers.items():
+    block = name.split("/")[0]
+    assert small_cfg.layer_router_maps[small_cfg.moe_layers.index(int(block[7:]))] == \
+        layer.labels
+    np.testing.assert_array_equal(small[block]["mlp"]["router"]["kernel"],
+                                  params[block]["mlp"]["router"]["kernel"])
+  if method == "mc_smoe":  # groups by router logits and allocates globally: unlike experts
+    return
+  for layer in plan.layers.values():  # grouped by what the experts compute: the pairs
+    assert sorted(map(sorted, layer.clusters())) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+  tokens = batches[0]["decoder_input_tokens"]
+  np.testing.assert_allclose(_forward(small_cfg)(small, tokens), _forward(cfg)(params, tokens),
+                             rtol=1e-5, atol=1e-5)
+  merged = pruning.apply_plan(params, dataclasses.replace(plan, router="merge"))
+  plain_cfg = dataclasses.replace(small_cfg, layer_router_maps=None)
+  assert not np.allclose(_forward(plain_cfg)(merged, tokens), _forward(cfg)(params, tokens),
+                         atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_bound_router_of_a_selection_never_chooses_dropped_experts_and_keeps_gates(top_k):
+  """frequency + 'bind': the E-column router stays, dropped experts' columns are never
+  chosen, and the gates stay the E-way softmax (no renormalization over the kept ones)."""
+  cfg = dataclasses.replace(CONFIG, top_k=top_k)
+  params = _never_route_to_dropped(_init(cfg))
+  batches = _batches()
+  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, batches)
+  plan = pruning.plan_pruning(params, logits, len(KEPT), method="frequency", router="bind",
+                              top_k=top_k)
+  small, small_cfg = pruning.apply_plan(params, plan), pruning.pruned_config(cfg, plan)
+  for name, layer in plan.layers.items():
+    assert layer.anchors == KEPT
+    expected_map = tuple(KEPT.index(e) if e in KEPT else -1 for e in range(8))
+    assert small_cfg.layer_router_maps[small_cfg.moe_layers.index(
+        int(name.split("/")[0][7:]))] == expected_map == layer.labels
+  tokens = batches[0]["decoder_input_tokens"]
+  np.testing.assert_allclose(_forward(small_cfg)(small, tokens), _forward(cfg)(params, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_route_tokens_with_unbound_columns_matches_numpy(top_k):
+  from uncurl_jax.model import router as router_lib
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 16, 6)).astype(np.float32)
+  expert_map = (1, -1, 0, -1, 2, 0)
+  routing = router_lib.route_tokens(logits, top_k=top_k, capacity=16, expert_map=expert_map)
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  masked = np.where(np.array(expert_map) >= 0, probs, -1.0)
+  columns = np.argsort(-masked, axis=-1, kind="stable")[..., :top_k]
+  np.testing.assert_array_equal(routing.column_index, columns)
+  np.testing.assert_array_equal(routing.expert_index, np.array(expert_map)[columns])
+  np.testing.assert_allclose(routing.gate, np.take_along_axis(probs, columns, -1), rtol=1e-6)
+  with pytest.raises(ValueError, match="fewer than top_k"):
+    router_lib.route_tokens(logits, top_k=3, capacity=4, expert_map=(0, -1, -1, -1, 1, -1))

@@ -18,8 +18,8 @@ from typing import Any, Mapping, Sequence
 DISPATCH_MODES = ("einsum", "gather")
 # The fields that determine the parameters' shapes (what a checkpoint must agree with).
 ARCHITECTURE_FIELDS = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads", "num_layers",
-                       "num_experts", "layer_num_experts", "moe_every", "moe_offset",
-                       "tie_embeddings")
+                       "num_experts", "layer_num_experts", "layer_router_maps", "moe_every",
+                       "moe_offset", "tie_embeddings")
 EXPERT_PARALLEL_MODES = ("auto", "never")
 DTYPES = ("float32", "bfloat16")
 CAPACITY_FORMULAS = ("top_k", "t5x")
@@ -41,6 +41,14 @@ class ModelConfig:
       `moe_layers`, in order) overriding `num_experts`, for models pruned to a
       different count per layer (MC-SMoE, per-layer targets). `num_experts` then
       only says which blocks are MoE (> 0).
+    layer_router_maps: Optional router columns bound to experts, one map per MoE layer (in
+      `moe_layers` order): column c of that layer's router routes to expert map[c], with
+      column c's probability as its gate; -1 marks the column of a dropped expert, never
+      chosen (its probability still counts in the softmax, so kept experts keep their
+      gates). MC-SMoE's and HC-SMoE's original routers after merging: all E columns kept,
+      each bound to its merged expert. None: one column per expert.
+    router_map: The map of one MoE layer (set by `layer_config`; use
+      `layer_router_maps`).
     top_k: Experts each token is sent to (1 = Switch, 2 = GShard-style).
     moe_every: An MoE FFN every `moe_every` blocks ...
     moe_offset: ... starting at this block (0: blocks 0, 2, 4, ...).
@@ -67,6 +75,11 @@ class ModelConfig:
     param_dtype: Storage dtype of parameters.
     layer_norm_epsilon: LayerNorm epsilon.
     init_std: Standard deviation of the normal initializers.
+    router_init_std: Standard deviation of the router kernels' initializer (None:
+      `init_std`). The router's logits start with std router_init_std * sqrt(d_model);
+      `0.02 * sqrt(1024 / d_model)` keeps the UNCURL paper model's initial logit scale
+      at any width (docs/study.md: at d_model 32 the default leaves top-1 gates near
+      1/E for hundreds of steps).
   """
 
   vocab_size: int = 50257
@@ -77,6 +90,8 @@ class ModelConfig:
   num_layers: int = 24
   num_experts: int = 0
   layer_num_experts: tuple[int, ...] | None = None
+  layer_router_maps: tuple[tuple[int, ...], ...] | None = None
+  router_map: tuple[int, ...] | None = None
   top_k: int = 1
   moe_every: int = 2
   moe_offset: int = 0
@@ -96,6 +111,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   layer_norm_epsilon: float = 1e-5
   init_std: float = 0.02
+  router_init_std: float | None = None
 
   def __post_init__(self):
     positive = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads",
@@ -118,6 +134,9 @@ class ModelConfig:
         raise ValueError(f"layer_num_experts={counts} has a layer with fewer experts than "
                          f"top_k={self.top_k}")
       object.__setattr__(self, "layer_num_experts", counts)
+    self._check_router_maps()
+    if self.router_init_std is not None and not self.router_init_std > 0:
+      raise ValueError(f"router_init_std must be None or > 0, got {self.router_init_std}")
     if not 0 <= self.moe_offset < self.moe_every:
       raise ValueError(f"moe_offset={self.moe_offset} must be in [0, moe_every={self.moe_every})")
     for name in ("train_capacity_factor", "eval_capacity_factor"):
@@ -132,6 +151,31 @@ class ModelConfig:
     _check_choice("param_dtype", self.param_dtype, DTYPES)
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+  def _check_router_maps(self) -> None:
+    maps = {}
+    if self.layer_router_maps is not None:
+      if self.num_experts < 1 or len(self.layer_router_maps) != len(self.moe_layers):
+        raise ValueError(f"layer_router_maps needs one map per MoE layer {self.moe_layers}, "
+                         f"got {len(self.layer_router_maps)}")
+      object.__setattr__(self, "layer_router_maps",
+                         tuple(tuple(int(c) for c in m) for m in self.layer_router_maps))
+      maps = {i: (m, self.experts_in_layer(i))
+              for i, m in zip(self.moe_layers, self.layer_router_maps)}
+    if self.router_map is not None:
+      object.__setattr__(self, "router_map", tuple(int(c) for c in self.router_map))
+      maps["this layer"] = (self.router_map, self.num_experts)
+    for where, (expert_map, experts) in maps.items():
+      bound = [c for c in expert_map if c != -1]
+      if sorted(set(bound)) != list(range(experts)) or len(bound) < self.top_k:
+        raise ValueError(f"the router map of MoE layer {where} must bind at least top_k="
+                         f"{self.top_k} columns to experts covering [0, {experts}) (-1: a "
+                         f"column never chosen), got {list(expert_map)}")
+
+  @property
+  def router_columns(self) -> int:
+    """Columns of this (layer) config's router: its map's length, else the experts."""
+    return len(self.router_map) if self.router_map is not None else self.num_experts
 
   @property
   def head_dim(self) -> int:
@@ -155,11 +199,14 @@ class ModelConfig:
     return self.layer_num_experts[self.moe_layers.index(index)]
 
   def layer_config(self, index: int) -> "ModelConfig":
-    """The config an MoE block sees: `num_experts` set to that block's count."""
+    """The config an MoE block sees: that block's expert count and router map."""
     experts = self.experts_in_layer(index)
-    if self.layer_num_experts is None or experts == 0:
+    if experts == 0 or (self.layer_num_experts is None and self.layer_router_maps is None):
       return self
-    return dataclasses.replace(self, num_experts=experts, layer_num_experts=None)
+    router_map = (None if self.layer_router_maps is None
+                  else self.layer_router_maps[self.moe_layers.index(index)])
+    return dataclasses.replace(self, num_experts=experts, layer_num_experts=None,
+                               layer_router_maps=None, router_map=router_map)
 
   def capacity(self, group_size: int, *, train: bool) -> int:
     """Expert capacity (slots per expert) for a routing group of `group_size` tokens.
@@ -206,6 +253,18 @@ def get(name: str, **overrides: Any) -> ModelConfig:
   return ModelConfig(**{**PRESETS[name], **overrides})
 
 
+def from_dict(fields: Mapping[str, Any]) -> ModelConfig:
+  """A ModelConfig from `dataclasses.asdict` output read back from JSON (lists -> tuples).
+
+  Example:
+    >>> from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    True
+  """
+  def tuples(value):
+    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
+  return ModelConfig(**{name: tuples(value) for name, value in fields.items()})
+
+
 def _block_index(path: str) -> int:
   """The block of an MoE layer path such as 'layers_4/mlp'."""
   head = str(path).split("/")[0]
@@ -239,11 +298,12 @@ def with_expert_counts(config: ModelConfig,
   """
   # A placeholder count (valid for top_k) places the MoE blocks also for a dense config.
   placed = dataclasses.replace(config, num_experts=max(1, config.top_k, config.num_experts),
-                               layer_num_experts=None)
+                               layer_num_experts=None, layer_router_maps=None)
   blocks = placed.moe_layers
   if isinstance(counts, Mapping):
     if not counts:
-      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None))
+      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None,
+                                                  layer_router_maps=None))
     by_block = {_block_index(path): count for path, count in counts.items()}
     if sorted(by_block) != list(blocks):
       raise ValueError(f"expert counts name MoE blocks {sorted(by_block)}, the model config "
@@ -252,7 +312,8 @@ def with_expert_counts(config: ModelConfig,
     per_layer = [by_block[i] for i in blocks]
   elif isinstance(counts, numbers.Integral) and not isinstance(counts, bool):
     if counts == 0:
-      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None))
+      return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None,
+                                                  layer_router_maps=None))
     per_layer = [int(counts)] * len(blocks)
   else:
     per_layer = list(counts)
@@ -262,12 +323,14 @@ def with_expert_counts(config: ModelConfig,
   if any(int(c) < 1 for c in per_layer):
     raise ValueError(f"expert counts must be >= 1, got {per_layer}")
   per_layer = [int(c) for c in per_layer]
+  if config.num_experts and per_layer == [config.experts_in_layer(i) for i in blocks]:
+    return config  # the same counts: router maps (if any) stay
   if len(set(per_layer)) <= 1:
     wanted = dataclasses.replace(config, num_experts=per_layer[0] if per_layer else 0,
-                                 layer_num_experts=None)
+                                 layer_num_experts=None, layer_router_maps=None)
   else:
     wanted = dataclasses.replace(config, num_experts=max(per_layer),
-                                 layer_num_experts=tuple(per_layer))
+                                 layer_num_experts=tuple(per_layer), layer_router_maps=None)
   return _same_or(config, wanted)
 
 

@@ -132,15 +132,17 @@ def _token_coordinates(routing: router.Routing) -> tuple[jax.Array, jax.Array, j
   return routing.expert_index, groups, routing.slot
 
 
-def dispatch_tokens(x: jax.Array, routing: router.Routing, *, capacity: int,
-                    mode: str) -> jax.Array:
+def dispatch_tokens(x: jax.Array, routing: router.Routing, *, capacity: int, mode: str,
+                    num_experts: int | None = None) -> jax.Array:
   """Places tokens `[G, S, d]` in expert buffers `[E, G, C, d]` (empty slots are zero).
+
+  `num_experts` defaults to one expert per router column.
 
   Example: `dispatch_tokens(x, routing, capacity=4, mode="gather")`.
   """
-  num_experts = routing.probs.shape[-1]
+  num_experts = routing.probs.shape[-1] if num_experts is None else num_experts
   if mode == "einsum":
-    dispatch, _ = router.dispatch_and_combine_masks(routing, capacity)
+    dispatch, _ = router.dispatch_and_combine_masks(routing, capacity, num_experts)
     return jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
   if mode == "gather":
     groups, tokens, top_k = routing.slot.shape
@@ -161,7 +163,7 @@ def combine_outputs(outputs: jax.Array, routing: router.Routing, *, capacity: in
   mode="einsum")`.
   """
   if mode == "einsum":
-    _, combine = router.dispatch_and_combine_masks(routing, capacity)
+    _, combine = router.dispatch_and_combine_masks(routing, capacity, outputs.shape[0])
     return jnp.einsum("gsec,egcd->gsd", combine.astype(outputs.dtype), outputs)
   if mode == "gather":
     picked = outputs.at[_token_coordinates(routing)].get(mode="fill", fill_value=0)
@@ -199,9 +201,11 @@ def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, 
   grouped = group_tokens(x.astype(dtype), config.group_size)
   capacity = config.capacity(grouped.shape[1], train=train)
   logits = router.router_logits(grouped, router_kernel)
-  routing = router.route_tokens(logits, top_k=config.top_k, capacity=capacity)
+  routing = router.route_tokens(logits, top_k=config.top_k, capacity=capacity,
+                                expert_map=config.router_map)
 
-  buffers = dispatch_tokens(grouped, routing, capacity=capacity, mode=config.dispatch)
+  buffers = dispatch_tokens(grouped, routing, capacity=capacity, mode=config.dispatch,
+                            num_experts=config.num_experts)
   if expert_axis is None:
     outputs = expert_ffn(buffers, experts, dtype=dtype, model_axis=model_axis)
   else:
@@ -212,9 +216,9 @@ def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, 
   y = combine_outputs(outputs, routing, capacity=capacity, mode=config.dispatch)
 
   stats = {
-      "auxiliary_loss": router.load_balancing_loss(routing.probs, routing.expert_index),
+      "auxiliary_loss": router.load_balancing_loss(routing.probs, routing.column_index),
       "router_z_loss": router.router_z_loss(logits),
-      **router.routing_diagnostics(routing, capacity),
+      **router.routing_diagnostics(routing, capacity, config.num_experts),
   }
   return y.reshape(x.shape), logits.reshape(*x.shape[:2], -1), stats
 
@@ -325,8 +329,8 @@ class MoeLayer(nn.Module):
       raise ValueError(f"MoeLayer needs config.num_experts >= 1, got {cfg.num_experts}")
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
       raise ValueError(f"expected input [batch, length, {cfg.d_model}], got {x.shape}")
-    router_kernel = _RouterWeights(cfg.num_experts, cfg.init_std, cfg.param_dtype,
-                                   name="router")(cfg.d_model)
+    router_kernel = _RouterWeights(cfg.router_columns, cfg.router_init_std or cfg.init_std,
+                                   cfg.param_dtype, name="router")(cfg.d_model)
     experts = _Experts(cfg, name="expert")()
 
     forward = functools.partial(moe_forward, config=cfg, train=not deterministic)

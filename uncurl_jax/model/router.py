@@ -30,7 +30,9 @@ class Routing(NamedTuple):
       the end) for dropped choices, so an out-of-bounds scatter drops them.
     gate: Softmax probability of the chosen expert (float32, not renormalized).
     kept: Whether the choice fits within capacity.
-    probs: Full router probabilities `[G, S, E]` (float32), for the auxiliary loss.
+    probs: Full router probabilities `[G, S, R]` (float32) over the router's R columns,
+      for the auxiliary loss (R = E unless columns are bound to experts).
+    column_index: Chosen router column of each choice (= `expert_index` unless bound).
   """
 
   expert_index: jax.Array
@@ -38,6 +40,7 @@ class Routing(NamedTuple):
   gate: jax.Array
   kept: jax.Array
   probs: jax.Array
+  column_index: jax.Array
 
 
 def router_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -87,39 +90,66 @@ def capacity_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
   return position.reshape(groups, top_k, tokens).transpose(0, 2, 1).astype(jnp.int32)
 
 
-def route_tokens(logits: jax.Array, *, top_k: int, capacity: int) -> Routing:
+def route_tokens(logits: jax.Array, *, top_k: int, capacity: int,
+                 expert_map: tuple[int, ...] | None = None) -> Routing:
   """Tokens-choose top-k routing with per-group expert capacity.
 
   Example: `route_tokens(logits, top_k=2, capacity=4).slot` is `[G, S, 2]`.
 
   Args:
-    logits: `[G, S, E]` raw router logits.
-    top_k: Experts per token.
+    logits: `[G, S, R]` raw router logits.
+    top_k: Router choices per token.
     capacity: Slots per expert and group; choices beyond it are dropped.
+    expert_map: Router columns bound to experts: column c routes to expert
+      `expert_map[c]` (its gate stays column c's probability; two choices of one token
+      may reach the same expert); -1: column c is never chosen. None: column c is
+      expert c.
   """
   if logits.ndim != 3:
     raise ValueError(f"logits must be [groups, tokens, experts], got shape {logits.shape}")
   if capacity < 1:
     raise ValueError(f"capacity must be >= 1, got {capacity}")
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  expert_index, gate = top_k_choices(probs, top_k)
-  position = capacity_positions(expert_index, logits.shape[-1])
+  num_experts = logits.shape[-1]
+  if expert_map is None:
+    column_index, gate = top_k_choices(probs, top_k)
+    expert_index = column_index
+  else:
+    if len(expert_map) != logits.shape[-1]:
+      raise ValueError(f"expert_map has {len(expert_map)} entries for {logits.shape[-1]} "
+                       "router columns")
+    if sum(c >= 0 for c in expert_map) < top_k:
+      raise ValueError(f"expert_map binds fewer than top_k={top_k} columns: {expert_map}")
+    bound = jnp.asarray(expert_map, jnp.int32)
+    # Unbound columns (-1) are never chosen; the gate stays the full softmax probability.
+    column_index, _ = top_k_choices(jnp.where(bound >= 0, probs, -1.0), top_k)
+    gate = jnp.take_along_axis(probs, column_index, axis=-1)
+    num_experts = max(expert_map) + 1
+    expert_index = bound[column_index]
+  position = capacity_positions(expert_index, num_experts)
   kept = position < capacity
   slot = jnp.where(kept, position, capacity)
-  return Routing(expert_index=expert_index, slot=slot, gate=gate, kept=kept, probs=probs)
+  return Routing(expert_index=expert_index, slot=slot, gate=gate, kept=kept, probs=probs,
+                 column_index=column_index)
 
 
-def dispatch_and_combine_masks(routing: Routing, capacity: int) -> tuple[jax.Array, jax.Array]:
+def dispatch_and_combine_masks(routing: Routing, capacity: int, num_experts: int | None = None
+                               ) -> tuple[jax.Array, jax.Array]:
   """One-hot dispatch mask and combine weights `[G, S, E, C]` (the einsum form).
 
   Example: `dispatch, combine = dispatch_and_combine_masks(routing, 4)`; then
   `jnp.einsum('gsec,gsd->egcd', dispatch, x)` fills the expert buffers.
 
+  Args:
+    routing: The routing.
+    capacity: Slots per expert.
+    num_experts: E (default: one expert per router column).
+
   Returns:
     dispatch: float32 0/1 mask, one where token s of group g sits in slot c of expert e.
     combine: float32, the gate of that choice in the same place.
   """
-  num_experts = routing.probs.shape[-1]
+  num_experts = routing.probs.shape[-1] if num_experts is None else num_experts
   expert_one_hot = jax.nn.one_hot(routing.expert_index, num_experts, dtype=jnp.float32)
   # Dropped choices have slot == capacity, whose one-hot row is all zeros.
   slot_one_hot = jax.nn.one_hot(routing.slot, capacity, dtype=jnp.float32)
@@ -152,7 +182,8 @@ def router_z_loss(logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(log_z))
 
 
-def routing_diagnostics(routing: Routing, capacity: int) -> dict[str, jax.Array]:
+def routing_diagnostics(routing: Routing, capacity: int,
+                        num_experts: int | None = None) -> dict[str, jax.Array]:
   """Scalar routing statistics under the names t5x's MoE model reads (and one more).
 
   The first three are defined as flaxformer's MoE layer defines them, so a t5x user's
@@ -170,7 +201,7 @@ def routing_diagnostics(routing: Routing, capacity: int) -> dict[str, jax.Array]
       `router_confidence`; dropped tokens count as 0).
   """
   groups, tokens, _ = routing.kept.shape
-  num_experts = routing.probs.shape[-1]
+  num_experts = routing.probs.shape[-1] if num_experts is None else num_experts
   kept = routing.kept.astype(jnp.float32)
   dispatched_somewhere = jnp.max(kept, axis=-1)
   dispatched = jnp.sum(kept)

@@ -161,18 +161,27 @@ def flatten_params(params: Mapping[str, Any]) -> dict[Path, Any]:
 
 def expert_counts(params: Mapping[str, Any],
                   layout: MoeLayout = DEFAULT_LAYOUT) -> dict[str, int]:
-  """{MoE layer path: its expert count}, from the router kernels' shapes only.
+  """{MoE layer path: its expert count}, from shapes only.
 
-  Works on params and on shape trees (`jax.ShapeDtypeStruct`, a checkpoint's metadata);
-  an empty dict means a dense model.
+  MoE layers are the subtrees with a router kernel; a layer's count is the leading axis
+  of its stacked experts (`wi_kernel`), else its router's columns (a router bound to
+  fewer experts has more columns than experts). Works on params and on shape trees
+  (`jax.ShapeDtypeStruct`, a checkpoint's metadata); an empty dict means a dense model.
 
   Example:
     >>> expert_counts(params)
     {'layers_0/mlp': 8, 'layers_2/mlp': 8}
   """
-  suffix = split_path(layout.router_kernel)
-  return {"/".join(path[:-len(suffix)]): leaf.shape[-1]
-          for path, leaf in flatten_params(params).items() if path[-len(suffix):] == suffix}
+  flat = flatten_params(params)
+  suffix, experts = split_path(layout.router_kernel), split_path(layout.wi_kernel)
+  counts = {}
+  for path, leaf in flat.items():
+    if path[-len(suffix):] == suffix:
+      prefix = path[:-len(suffix)]
+      stacked = flat.get(prefix + experts)
+      counts["/".join(prefix)] = (stacked.shape[0] if stacked is not None
+                                  else leaf.shape[-1])
+  return counts
 
 
 def find_moe_layers(params: Mapping[str, Any],

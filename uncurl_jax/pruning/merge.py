@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROUTER_MODES = ("reinit", "anchor", "merge")
+ROUTER_MODES = ("reinit", "anchor", "merge", "bind")
 
 
 def _array_module(x: Any):
@@ -126,20 +126,25 @@ def reindex_router(kernel: Any, bias: Any, *, mode: str, merge: np.ndarray,
     bias: [E] router bias, or None.
     mode: "reinit" (fresh kernel ~ N(0, init_std^2), zero bias: the paper, to be trained
       by a router-only warm-up), "anchor" (each cluster's anchor column: for pure
-      selection this slices the router to the kept experts) or "merge" (the merge-
-      weighted mean of the members' columns).
+      selection this slices the router to the kept experts), "merge" (the merge-
+      weighted mean of the members' columns) or "bind" (all E columns kept unchanged,
+      each bound to its member's merged expert by the model config's
+      `layer_router_maps`: MC-SMoE's and HC-SMoE's original routers).
     merge: [D, E] merge matrix.
     anchors: [D] anchor experts (mode "anchor").
     key: PRNG key (mode "reinit").
     init_std: Standard deviation of the fresh kernel (the model's init std).
 
   Returns:
-    (kernel [d, D], bias [D] or None), same array kind and dtype as the inputs.
+    (kernel [d, D], bias [D] or None), same array kind and dtype as the inputs ([d, E]
+    and [E] for "bind").
 
   Example:
     >>> reindex_router(k, None, mode="anchor", merge=m, anchors=np.array([0, 2]))
   """
   xp = _array_module(kernel)
+  if mode == "bind":
+    return kernel, bias
   if mode == "anchor":
     if anchors is None:
       raise ValueError("router mode 'anchor' needs the anchors")

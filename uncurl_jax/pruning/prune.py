@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -242,10 +243,18 @@ def pruned_config(config: configs.ModelConfig, plan: PrunePlan) -> configs.Model
   """The model config for params pruned by `plan` (`configs.with_expert_counts`).
 
   A plan that keeps the same D in every layer gives `num_experts=D`; one that keeps
-  different counts (MC-SMoE, per-layer targets) gives `layer_num_experts`.
+  different counts (MC-SMoE, per-layer targets) gives `layer_num_experts`. A plan with
+  router "bind" keeps every router column, bound to its expert's cluster
+  (`layer_router_maps`).
 
   Example:
     >>> pruned_config(configs.get("354m", num_experts=32), plan).num_experts
     8
   """
-  return configs.with_expert_counts(config, plan.num_experts)
+  pruned = configs.with_expert_counts(config, plan.num_experts)
+  if plan.router != "bind":
+    return pruned
+  by_block = {int(name.split("/")[0].removeprefix("layers_")): layer.labels
+              for name, layer in plan.layers.items()}
+  return dataclasses.replace(pruned, layer_router_maps=tuple(
+      by_block[i] for i in pruned.moe_layers))

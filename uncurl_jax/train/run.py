@@ -164,10 +164,9 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
       dropping=progressive_dropping, adapt_experts_to_checkpoint=adapt_experts_to_checkpoint)
   manager = checkpoints.make_manager(os.path.join(model_dir, "checkpoints"),
                                      keep=keep_checkpoints, async_save=async_checkpointing)
-  rng = jax.random.key(seed)
   state = trainer.initial_state(manager, init_checkpoint=init_checkpoint,
                                 init_checkpoint_step=init_checkpoint_step,
-                                rng=jax.random.fold_in(rng, 0))
+                                rng=jax.random.fold_in(jax.random.key(seed), 0))
   data_args = dict(mixture_or_task_name=mixture_or_task_name,
                    task_feature_lengths=dict(task_feature_lengths), use_cached=use_cached)
   evaluator = None if eval_split is None else evaluation.Evaluation(
@@ -183,8 +182,9 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
   try:
     state, history = loop.train_loop(
         trainer, state, batches, manager=manager, total_steps=train_steps,
-        dropout_rng=jax.random.fold_in(rng, 1), checkpoint_every=checkpoint_every_steps,
-        log_every=log_every_steps, eval_every=eval_every_steps,
+        dropout_rng=jax.random.fold_in(jax.random.key(seed), 1),
+        checkpoint_every=checkpoint_every_steps, log_every=log_every_steps,
+        eval_every=eval_every_steps,
         probe=_dropping_probe(progressive_dropping, data_args, batch_size, pack),
         on_log=logger.log, on_eval=None if evaluator is None else logger.evaluate)
   finally:
@@ -284,10 +284,10 @@ def evaluate(*, checkpoint_path: str, model_config: configs.ModelConfig,
       check_checkpoint_path(checkpoint_path, "CHECKPOINT_PATH"))
   step = checkpoints.resolve_step(directory, step=checkpoint_step)
   shapes = checkpoints.params_shapes(directory, step=step)
-  config = trainer_lib.config_for_params(model_config, shapes, adapt=True)
+  saved = checkpoints.read_metadata(directory, step=step).get("model_config")
+  config = trainer_lib.config_for_params(model_config, shapes, adapt=True, saved_config=saved)
   trainer_lib.check_architecture(config, shapes, f"the checkpoint {directory} (step {step})",
-                                 checkpoints.read_metadata(directory, step=step).get(
-                                     "model_config"))
+                                 saved)
   model = decoder.SMoEDecoder(config)
   target = state_lib.abstract_params(
       model, batch_shape=(batch_size, pipeline.model_length(task_feature_lengths)), mesh=mesh)

@@ -51,16 +51,18 @@ class Variant:
   eval_step: Callable  # (params, batch) -> metrics
 
 
-def config_for_params(config: configs.ModelConfig, params: Any, *,
-                      adapt: bool) -> configs.ModelConfig:
+def config_for_params(config: configs.ModelConfig, params: Any, *, adapt: bool,
+                      saved_config: dict | None = None) -> configs.ModelConfig:
   """`config` with the expert counts of `params` (a pruned checkpoint has fewer experts).
 
-  Uneven counts (pruned per layer, e.g. MC-SMoE) become `layer_num_experts`.
+  Uneven counts (pruned per layer, e.g. MC-SMoE) become `layer_num_experts`; router maps
+  (a router bound to merged experts) come from the checkpoint's saved config.
 
   Args:
     config: The run's config (from gin: NUM_EXPERTS).
     params: Params or params shapes (e.g. `checkpoints.params_shapes(...)`).
     adapt: Take the checkpoint's counts when they differ; False raises instead.
+    saved_config: The checkpoint's saved ModelConfig fields, if it has them.
   """
   counts = pruning.expert_counts(params)
   if not counts and config.num_experts:
@@ -68,6 +70,9 @@ def config_for_params(config: configs.ModelConfig, params: Any, *,
                      f"blocks {list(config.moe_layers)}; use the model file the checkpoint "
                      "was trained with")
   wanted = configs.with_expert_counts(config, counts)
+  maps = (saved_config or {}).get("layer_router_maps")
+  if maps is not None and wanted.num_experts:
+    wanted = dataclasses.replace(wanted, layer_router_maps=tuple(tuple(m) for m in maps))
   if wanted != config and not adapt:
     raise ValueError(f"the checkpoint has {tuple(counts.values())} experts in its MoE layers "
                      f"but the model config has num_experts={config.num_experts}; set "
@@ -223,7 +228,7 @@ class Trainer:
 
   def _adapt_config(self, params: Any, what: str, saved_config: dict | None = None) -> None:
     """Takes the expert counts of `params` if allowed; refuses other architectures."""
-    adapted = config_for_params(self.config, params, adapt=True)
+    adapted = config_for_params(self.config, params, adapt=True, saved_config=saved_config)
     if adapted != self.config and not self._adapt:
       raise ValueError(
           f"{what} has {adapted.layer_num_experts or adapted.num_experts} experts per MoE "
