@@ -15,21 +15,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import pytest  # noqa: E402  (after XLA_FLAGS on purpose)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def persistent_compilation_cache(tmp_path_factory):
-  """Compiles each distinct program once across a module's runs (opt in with
-  `pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")`)."""
+  """One persistent compilation cache for the whole session: a program that another test
+  (or another run of the study) compiled before is read from disk, not compiled again.
+  Results do not depend on it: a cached executable is the one XLA would compile."""
   import jax  # pylint: disable=import-outside-toplevel
   # pylint: disable-next=import-outside-toplevel
   from jax.experimental.compilation_cache import compilation_cache
-  saved = {name: getattr(jax.config, name) for name in (
-      "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-      "jax_persistent_cache_min_entry_size_bytes")}
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   compilation_cache.set_cache_dir(str(tmp_path_factory.mktemp("jax_cache")))
   compilation_cache.reset_cache()
   yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()

@@ -26,12 +26,10 @@ OUTPUT_DIR = 'out/report'
 STAGES_DIR = 'out/stages'
 SOURCE_EXPERTS = [4]
 PRUNED_EXPERTS = [2]
+METHODS = ['frequency']
 configs.get.d_model = 16
 configs.get.d_ff = 32
-configs.get.num_heads = 2
-configs.get.max_length = 32
-configs.get.group_size = None
-StudyConfig.methods = ['frequency']
+configs.get.num_layers = 2
 StudyConfig.dense_reference = False
 StudyConfig.eval_batches = 1
 StudyConfig.eval_batch_size = 8
@@ -40,12 +38,10 @@ StudyConfig.usage_max_tokens = 64
 pretraining/TrainSettings.steps = 2
 pretraining/TrainSettings.warmup_steps = 1
 pretraining/TrainSettings.batch_size = 8
-pretraining/TrainSettings.task_feature_lengths = {'targets': 32}
 finetuning/TrainSettings.steps = 2
 finetuning/TrainSettings.warmup_steps = 0
 finetuning/TrainSettings.router_warmup_steps = 1
 finetuning/TrainSettings.batch_size = 8
-finetuning/TrainSettings.task_feature_lengths = {'targets': 32}
 """
 
 
@@ -192,3 +188,12 @@ def test_unexpected_positional_arguments_are_refused(capsys):
     train_main.main(["train", "surplus"])
   assert exit_info.value.code == 2
   assert "unexpected arguments: ['surplus']" in capsys.readouterr().err
+
+
+def test_a_command_that_returns_results_exits_0(monkeypatch):
+  """`main` returns the study's results to in-process callers; the process still exits 0
+  (absl's app.run would print them and exit 1)."""
+  monkeypatch.setattr(sys, "argv", ["uncurl_jax"])
+  with pytest.raises(SystemExit) as exit_info:
+    cli.run(lambda argv: {"rows": ["a result"]})
+  assert exit_info.value.code in (None, 0)

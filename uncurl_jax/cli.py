@@ -113,6 +113,20 @@ def set_up_logging(*, verbose: bool) -> None:
   logging.set_verbosity(level)
   for name in ("jax", "orbax", "tensorflow", "absl"):
     std_logging.getLogger(name).setLevel(std_logging.INFO if verbose else std_logging.WARNING)
+  if not verbose:
+    std_logging.getLogger("absl").addFilter(_quiet_known_warnings)
+
+
+_KNOWN_WARNINGS = (
+    "uncached FunctionDataset",  # seqio: the synthetic tasks are generated in memory
+    "Given directory is read only",  # orbax: the study reads finished stages read-only
+)
+
+
+def _quiet_known_warnings(record: std_logging.LogRecord) -> bool:
+  """Drops warnings that say nothing about this run (without --verbose)."""
+  message = record.getMessage()
+  return not any(known in message for known in _KNOWN_WARNINGS)
 
 
 def _exit_with_message(program: str, message: str) -> None:
@@ -291,5 +305,11 @@ class Command:
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:
-  """Runs an absl `main` with this layer's flag parser (the `--gin.NAME=V` shorthand)."""
-  app.run(main, flags_parser=parse_flags)
+  """Runs an absl `main` with this layer's flag parser (the `--gin.NAME=V` shorthand).
+
+  What `main` returns is for in-process callers: the process exits 0 after it (absl
+  would pass it to `sys.exit`, printing it and exiting 1).
+  """
+  def process_main(argv: Sequence[str]) -> None:
+    main(argv)
+  app.run(process_main, flags_parser=parse_flags)

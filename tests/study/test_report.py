@@ -78,15 +78,23 @@ def test_markdown_table_gives_mean_and_standard_error_and_calls_only_clear_diffe
 def test_one_seed_gets_no_marks_without_items_and_item_level_marks_with_them():
   rows = _rows()
   assert report.markdown_table(rows).splitlines()[5] == "| 32->8 uncurl (reinit) | 63.50 | 57.00 |"
-  rng = np.random.default_rng(0)
-  base = rng.random(2000) < 0.62
-  better = base | (rng.random(2000) < 0.05)            # a few more items right
+  # Item scores in the unit of the scores (accuracy in %: 0 or 100), means 62.0 and 63.5.
+  base = np.zeros(2000)
+  base[np.random.default_rng(0).permutation(2000)[:1240]] = 100.0
+  better = base.copy()
+  better[np.flatnonzero(base == 0)[:30]] = 100.0        # 30 more items right
   items = {("rte", "+8e", 0): base, ("rte", "32->8 uncurl (reinit)", 0): better}
   line = report.markdown_table(rows, items=items).splitlines()[5]
   assert line.startswith("| 32->8 uncurl (reinit) | 63.50+ |")
   difference = statistics.paired_difference(rows, "32->8 uncurl (reinit)", "+8e", task="rte",
                                             items=items)
+  d = better - base
   assert difference.unit == "items" and difference.n == 2000 and difference.mean == 1.5
+  np.testing.assert_allclose(difference.se, d.std(ddof=1) / np.sqrt(2000))  # ~0.27 points
+  # Items in another unit (0/1 for a score in %) do not give a standard error.
+  fractions = {key: value / 100.0 for key, value in items.items()}
+  assert statistics.paired_difference(rows, "32->8 uncurl (reinit)", "+8e", task="rte",
+                                      items=fractions).unit != "items"
 
 
 def test_csv_reads_back_with_the_secondary_score(tmp_path):

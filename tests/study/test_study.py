@@ -231,7 +231,7 @@ def test_pairs_and_per_task_finetuning_steps(tmp_path):
   assert _config(tmp_path).finetune_settings(config.tasks[0]).steps == 4
 
 
-@pytest.mark.parametrize("gin_file", ["synthetic.gin", "sweep.gin", "paper_354m.gin"])
+@pytest.mark.parametrize("gin_file", ["synthetic.gin", "full.gin", "paper_354m.gin"])
 def test_experiment_gin_files_make_valid_study_configs(gin_file):
   try:
     study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", gin_file)])

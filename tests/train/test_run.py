@@ -26,7 +26,6 @@ from uncurl_jax.train import metrics
 from uncurl_jax.train import state as state_lib
 
 # Compile each distinct program once across this module's runs (fixture in conftest.py).
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 STEPS = 6
 PRETRAIN_FILES = ["gin/models/tiny.gin", "gin/runs/pretrain.gin", "gin/runs/synthetic_pretrain.gin"]

@@ -22,7 +22,6 @@ from uncurl_jax.train import schedules
 from uncurl_jax.train import trainer
 
 # Compile each distinct program once across this module's runs (fixture in conftest.py).
-pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 FINETUNE_FILES = ["gin/models/tiny.gin", "gin/runs/finetune.gin", "gin/runs/synthetic_finetune.gin"]
 LENGTHS = {"inputs": 96, "targets": 16}

@@ -1,13 +1,13 @@
 r"""`python -m uncurl_jax.study` (alias: `python -m uncurl_jax.experiment`): the UNCURL study.
 
   python -m uncurl_jax.study                  # gin/experiments/synthetic.gin (CPU)
-  python -m uncurl_jax.study --gin.SEED=1 --gin.OUTPUT_DIR=outputs/synthetic_seed1
-  python -m uncurl_jax.study --gin_file=gin/experiments/sweep.gin
+  python -m uncurl_jax.study --gin.SEEDS=[1] --gin.OUTPUT_DIR=outputs/synthetic_seed1
+  python -m uncurl_jax.study --gin_file=gin/experiments/full.gin       # 5 seeds, 2x-16x
   python -m uncurl_jax.study --gin_file=gin/experiments/paper_354m.gin   # pods
 
-Without --gin_file the embedded default `gin/experiments/synthetic.gin` runs: a tiny
-SMoE with 32 experts pruned to 8 for one domain of the synthetic corpus, with the
-references trained from scratch, on a CPU in a few minutes. The gin file binds
+Without --gin_file the embedded default `gin/experiments/synthetic.gin` runs: a small
+SMoE with 32 experts pruned to 8 for a task of the world of memorized facts, with the
+references trained from scratch, on a CPU (docs/study.md gives the time). The gin file binds
 `StudyConfig` (see `uncurl_jax.study.config`); `--gin.NAME=VALUE` overrides a macro.
 Flags: `uncurl_jax.cli`. Outputs: `uncurl_jax.study.run`.
 """

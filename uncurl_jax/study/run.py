@@ -39,8 +39,10 @@ def persistent_compilation_cache(directory: str | None) -> Iterator[None]:
 
   The study compiles the same train step for every pruned model of one size and the same
   scorer for every evaluation; with the cache the repeats (and reruns) are disk reads.
+  A cache directory the user already configured (`JAX_COMPILATION_CACHE_DIR`,
+  `jax.config.update("jax_compilation_cache_dir", ...)`) is kept.
   """
-  if directory is None:
+  if directory is None or jax.config.jax_compilation_cache_dir:
     yield
     return
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",

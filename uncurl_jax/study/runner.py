@@ -103,12 +103,16 @@ class Study:
       self.done[spec.key] = self.cache.run_spec(spec)
     return self.done[spec.key]
 
+  def model_config(self, spec: StageSpec) -> configs.ModelConfig:
+    """The config of the model a finished model stage holds (a pruned one's own)."""
+    return configs.from_dict(self.finished(spec).result["model_config"])
+
   def params(self, spec: StageSpec) -> Any:
     """The params a model stage produced (kept from this run, else restored)."""
     if spec.key not in self._params:
       stage = self.finished(spec)
       self._remember(spec.key, stages.restore_params(
-          stage.path(stage.result["checkpoint"]), config=self.config.model,
+          stage.path(stage.result["checkpoint"]), config=self.model_config(spec),
           mesh=self.config.runtime.mesh))
     return self._params[spec.key]
 
@@ -136,13 +140,14 @@ class Study:
   def _train(self, name: str, key: dict, *, num_experts: int, settings: TrainSettings,
              seed: int, task: str | None, init: StageSpec | None, router_warmup: bool,
              dropping=None, steps: int | None = None, data_offset: int = 0) -> StageSpec:
-    """Trains `init`'s params (or a fresh model); a pruned model's counts follow its params."""
-    config = configs.with_expert_counts(self.config.model, num_experts)
+    """Trains `init`'s params (its own config: a pruned model's) or a fresh model."""
     if steps is not None:
       settings = dataclasses.replace(settings, steps=steps)
-    warmup = router_warmup and config.num_experts > 0
+    warmup = router_warmup and num_experts > 0
 
     def run(directory):
+      config = (configs.with_expert_counts(self.config.model, num_experts) if init is None
+                else self.model_config(init))
       params, summary = self._trainer.train(
           directory, config=config, settings=settings, seed=seed,
           task=settings.mixture_or_task_name or task,
@@ -194,7 +199,8 @@ class Study:
                  seed: int) -> StageSpec:
     """A source's task statistics (router logits and expert statistics, `stats.npz`)."""
     def work(directory):
-      return self._work.collect_stats(directory, task, num_experts, self.params(base))
+      return self._work.collect_stats(directory, task, self.model_config(base),
+                                      self.params(base))
     return self.cache.plan(f"stats-e{num_experts}-{task.name}", self._work.stats_key(task),
                            work, inputs=[base], cost=self._work.stats_cost(), kind="stats")
 
@@ -204,8 +210,8 @@ class Study:
     """`source` pruned E -> D (`pair`) by `method` (router_norm: also `pretrained`)."""
     def run(directory):
       params, summary = self._work.prune(
-          directory, params=self.params(source), stats_dir=stats.directory, method=method,
-          num_experts=pair[1], seed=seed,
+          directory, params=self.params(source), config=self.model_config(source),
+          stats_dir=stats.directory, method=method, num_experts=pair[1], seed=seed,
           pretrained_params=None if pretrained is None else self.params(pretrained))
       return params, {**summary, "checkpoint": stages.PARAMS_DIR}
     key = self._work.prune_key(method, pair[1], seed)
@@ -217,7 +223,7 @@ class Study:
   def scored(self, task: StudyTask, model: StageSpec) -> StageSpec:
     """Metrics of a model stage on the task, and its expert usage on the task's tokens."""
     def work(directory):
-      return self._work.score(directory, task, self.params(model))
+      return self._work.score(directory, task, self.model_config(model), self.params(model))
     return self.cache.plan(f"score-{model.name}", self._work.score_key(task), work,
                            inputs=[model], cost=self._work.score_cost(), kind="score")
 

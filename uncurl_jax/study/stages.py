@@ -44,17 +44,11 @@ PARAMS_DIR = "params"  # a pruned model's params-only checkpoint, inside its sta
 # Params.
 
 
-def model_config(config: configs.ModelConfig, params: Any) -> configs.ModelConfig:
-  """`config` with the expert counts of `params` (per layer when they differ; 0: dense)."""
-  return configs.with_expert_counts(config, pruning.expert_counts(params))
-
-
 def restore_params(checkpoint_dir: str, *, config: configs.ModelConfig,
                    mesh: jax.sharding.Mesh) -> Any:
-  """Params of a finished stage (a training run's directory or a params-only checkpoint),
-  with the expert counts the checkpoint has."""
+  """Params of a finished stage (a training run's directory or a params-only checkpoint)
+  of the model `config` (the stage's own)."""
   directory = checkpoints.resolve_checkpoint_dir(checkpoint_dir)
-  config = model_config(config, checkpoints.params_shapes(directory))
   abstract = state_lib.abstract_params(decoder.SMoEDecoder(config),
                                        batch_shape=state_lib.init_batch_shape(config),
                                        mesh=mesh)
@@ -82,7 +76,7 @@ def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, 
 
 
 STATS_FILE = "stats.npz"
-ITEMS_FILE = "items.npy"  # a score stage's per-item scores (0/1)
+ITEMS_FILE = "items.npy"  # a score stage's per-item scores (accuracy: 0 or 100)
 _STATS_FIELDS = ("logits", "top1_counts", "topk_counts", "reap", "mean_output")
 
 
@@ -110,9 +104,9 @@ def load_stats(path: str) -> dict[str, pruning.ExpertStats]:
 # Pruning.
 
 
-def prune_model(directory: str, *, params: Any, stats: Mapping[str, pruning.ExpertStats],
-                num_experts: int, method: Any, seed: int, init_std: float, top_k: int = 1,
-                pretrained_params: Any = None) -> tuple[Any, dict]:
+def prune_model(directory: str, *, params: Any, config: configs.ModelConfig,
+                stats: Mapping[str, pruning.ExpertStats], num_experts: int, method: Any,
+                seed: int, pretrained_params: Any = None) -> tuple[Any, dict]:
   """Prunes `params` to `num_experts` per layer by `method` (a MethodSpec); writes the
   params and the plan.
 
@@ -124,22 +118,26 @@ def prune_model(directory: str, *, params: Any, stats: Mapping[str, pruning.Expe
   `directory/plan.json` (`PrunePlan.to_json`).
 
   Returns:
-    (pruned params, JSON summary: router option used, experts kept per layer, per-layer
-    labels and anchors).
+    (pruned params, JSON summary: router option used, experts kept per layer, the pruned
+    model's config, per-layer labels and anchors).
   """
   host_params = jax.device_get(params)
   kwargs = {} if pretrained_params is None else {"pretrained_params": pretrained_params}
   if method.features is not None:
     kwargs["features"] = method.features
   plan = pruning.plan_pruning(host_params, stats, num_experts, method=method.method,
-                              router=method.router, seed=seed, router_init_std=init_std,
-                              top_k=top_k, **kwargs)
+                              router=method.router, seed=seed,
+                              router_init_std=config.router_init_std or config.init_std,
+                              top_k=config.top_k, **kwargs)
   small = pruning.apply_plan(host_params, plan)
+  small_config = dataclasses.asdict(pruning.pruned_config(config, plan))
   with open(os.path.join(directory, "plan.json"), "w") as f:
     f.write(plan.to_json())
   checkpoints.save_params(os.path.join(directory, PARAMS_DIR), small,
-                          metadata={"method": method.method, "router": plan.router})
+                          metadata={"method": method.method, "router": plan.router,
+                                    "model_config": small_config})
   summary = {"router": plan.router, "experts_per_layer": plan.num_experts,
+             "model_config": small_config,
              "labels": {name: list(layer.labels) for name, layer in plan.layers.items()},
              "anchors": {name: list(layer.anchors) for name, layer in plan.layers.items()}}
   return small, summary
@@ -169,9 +167,7 @@ class StageWork:
             "feature_lengths": dict(cfg.finetune.task_feature_lengths)}
 
   def prune_key(self, method, num_experts: int, seed: int) -> dict:
-    cfg = self.config
-    return {"method": dataclasses.asdict(method), "num_experts": num_experts, "seed": seed,
-            "init_std": cfg.model.init_std, "top_k": cfg.model.top_k}
+    return {"method": dataclasses.asdict(method), "num_experts": num_experts, "seed": seed}
 
   def score_key(self, task) -> dict:
     cfg = self.config
@@ -208,9 +204,9 @@ class StageWork:
           max_tokens=max(cfg.logits_max_tokens, cfg.usage_max_tokens))
     return self._batches[task.name]
 
-  def collect_stats(self, directory: str, task, num_experts: int, params: Any) -> dict:
+  def collect_stats(self, directory: str, task, config: configs.ModelConfig,
+                    params: Any) -> dict:
     """Writes a source's task statistics to `directory/stats.npz`; returns its usage."""
-    config = configs.with_expert_counts(self.config.model, num_experts)
     stats = pruning.collect_expert_stats(decoder.SMoEDecoder(config), params,
                                          self.task_batches(task),
                                          max_tokens=self.config.logits_max_tokens,
@@ -219,29 +215,28 @@ class StageWork:
     return {"tokens": next(iter(stats.values())).num_tokens,
             "usage": expert_usage({n: s.logits for n, s in stats.items()}, config.top_k)}
 
-  def prune(self, directory: str, *, params: Any, stats_dir: str, method, num_experts: int,
-            seed: int, pretrained_params: Any = None) -> tuple[Any, dict]:
-    cfg = self.config
-    return prune_model(directory, params=params,
+  def prune(self, directory: str, *, params: Any, config: configs.ModelConfig, stats_dir: str,
+            method, num_experts: int, seed: int, pretrained_params: Any = None
+            ) -> tuple[Any, dict]:
+    return prune_model(directory, params=params, config=config,
                        stats=load_stats(os.path.join(stats_dir, STATS_FILE)),
                        num_experts=num_experts, method=method, seed=seed,
-                       init_std=cfg.model.init_std, top_k=cfg.model.top_k,
                        pretrained_params=pretrained_params)
 
-  def score(self, directory: str, task, params: Any) -> dict:
+  def score(self, directory: str, task, config: configs.ModelConfig, params: Any) -> dict:
     """The task's metrics (dropless when configured; then also at capacity) and usage; the
     per-item scores of an LM-scored task go to `directory/items.npy`."""
     cfg = self.config
     metric = cfg.task_metric(task)
-    config = model_config(cfg.model, params)
     scorer = self._scorer(task)
     scored = dataclasses.replace(config, dropless=True) if (
         cfg.score_dropless and config.num_experts) else config
     metrics = scorer(scored, params)
     if scored is not config:
       metrics[f"{metric}_at_capacity"] = scorer(config, params)[metric]
-    if isinstance(scorer, LossScorer):
-      np.save(os.path.join(directory, ITEMS_FILE), scorer.items(scored, params))
+    if isinstance(scorer, LossScorer) and metric == "accuracy":
+      # Per-item scores in the score's unit: 0 or 100 (%) per scored token.
+      np.save(os.path.join(directory, ITEMS_FILE), 100.0 * scorer.items(scored, params))
     if metric not in metrics:
       raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
                        f"{task}; set the task's metric ('task:eval_task:metric')")
@@ -251,7 +246,8 @@ class StageWork:
                                              self.task_batches(task),
                                              max_tokens=cfg.usage_max_tokens, progress=False)
       usage = expert_usage(logits, config.top_k)
-    return {"metrics": metrics, "score": metrics[metric], "usage": usage}
+    return {"metrics": metrics, "score": metrics[metric], "usage": usage,
+            "model_config": dataclasses.asdict(config)}
 
   def _scorer(self, task):
     if task not in self._scorers:

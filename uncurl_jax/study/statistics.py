@@ -73,8 +73,10 @@ def paired_difference(rows: Sequence[ResultRow], model: str, reference: str, *, 
                       ) -> Estimate | None:
   """`model` minus `reference` on `task`, paired by seed (None if they share no seed).
 
-  With one shared seed and `items` ({(task, model, seed): per-item scores}), the
-  standard error is that of the mean per-item difference.
+  With one shared seed and `items` ({(task, model, seed): per-item scores in the unit of
+  the scores, e.g. 0 or 100 for an accuracy in %}), the standard error is that of the
+  mean per-item difference; items whose mean difference is not the scores' difference
+  (another unit, other items) are not used.
   """
   by_seed = {(r.model, r.seed): r.score for r in rows if r.task == task}
   seeds = sorted({s for (m, s) in by_seed if m == model} & {s for (m, s) in by_seed
@@ -88,6 +90,8 @@ def paired_difference(rows: Sequence[ResultRow], model: str, reference: str, *, 
   if a is None or b is None or len(a) != len(b):
     return mean_se(differences)
   item_estimate = mean_se(np.asarray(a, np.float64) - np.asarray(b, np.float64), "items")
+  if abs(item_estimate.mean - differences[0]) > 1e-3 * max(1.0, abs(differences[0])):
+    return mean_se(differences)
   return dataclasses.replace(item_estimate, mean=differences[0], n=len(a))
 
 

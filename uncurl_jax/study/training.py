@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from typing import Any, Callable, Iterator
@@ -118,7 +119,7 @@ class StageTrainer:
 
     Args:
       directory: Stage directory; checkpoints go to `directory/checkpoints`.
-      config: The model (its expert counts are taken from `init_params` if given).
+      config: The model (that of `init_params` if given: a pruned model's own config).
       settings: A `study.config.TrainSettings`.
       task: seqio task or mixture trained on.
       init_params: Starting params, or None for a random initialization.
@@ -133,8 +134,6 @@ class StageTrainer:
       (final params, JSON summary: final expert count, steps, first step trained by this
       call, last logged loss).
     """
-    if init_params is not None:  # a pruned model has fewer experts than `config` may say
-      config = trainer_lib.config_for_params(config, init_params, adapt=True)
     run = self._trainer(config, settings, router_warmup=router_warmup, dropping=dropping)
     manager = checkpoints.make_manager(os.path.join(directory, "checkpoints"), keep=1)
     rng = jax.random.key(seed)
@@ -162,5 +161,6 @@ class StageTrainer:
       manager.close()
     final_loss = history[-1][1]["loss"] if history else None
     return state.params, {"experts_per_layer": pruning.expert_counts(state.params),
+                          "model_config": dataclasses.asdict(run.variant_of(state).config),
                           "steps": int(state.step), "first_step": start + 1,
                           "final_loss": final_loss}
