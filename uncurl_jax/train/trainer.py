@@ -305,7 +305,8 @@ class Trainer:
 
   def _drop_experts(self, state, target: int, batches) -> step_lib.TrainState:
     variant = self.variant_of(state)
-    router_logits = pruning.collect_router_logits(variant.model, state.params, batches)
+    router_logits = pruning.collect_router_logits(variant.model, state.params, batches,
+                                                  progress=False)
     keep = schedules.experts_to_keep(router_logits, target)
     logging.info("Step %d: dropping to %d experts per layer, keeping %s.", int(state.step),
                  target, {k: v.tolist() for k, v in keep.items()})
