@@ -11,7 +11,7 @@ pass-through vocabulary, no text):
 A fact is a prefix-LM example (inputs: the prompt tokens; targets: the value), so the
 loss and token accuracy count the value only; with packing, each fact is its own segment.
 The "train" splits are shuffled in full every epoch (`shuffle_files`).
-The default world is registered as `facts`; `WORLDS` holds the registered worlds.
+The default world is registered as `facts`.
 
 Example:
   >>> import uncurl_jax.tasks
@@ -35,7 +35,6 @@ from uncurl_jax.tasks import vocab
 # their subjects and scored on the other 90%: 2,592 held-out items; vocabulary 912.
 DEFAULT_WORLD = facts.FactWorld(num_values=16, typed_answers=True, subjects_per_topic=360,
                                 finetune_fraction=0.1)
-WORLDS: dict[str, facts.FactWorld] = {}
 _SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune"},
            "validation": {"pretrain": "pretrain", "task": "task_eval"}}
 
@@ -74,14 +73,14 @@ def register_world(name: str, world: facts.FactWorld) -> list[str]:
   """
   names = []
   for part in ("pretrain", "task"):
-    sizes = {split: len(world.facts(mapping[part])) for split, mapping in _SPLITS.items()}
+    sizes = {split: world.num_facts if part == "pretrain" else len(world.facts(mapping[part]))
+             for split, mapping in _SPLITS.items()}
     source = seqio.FunctionDataSource(
         functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
         num_input_examples=sizes)
     vocab.add_task(f"{name}_{part}", source=source, output_features=_features(world),
                    preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
     names.append(f"{name}_{part}")
-  WORLDS[name] = world
   return names
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.pruning.batches import padded_batches
 from uncurl_jax.model import configs
 from uncurl_jax import pruning
 from uncurl_jax.model.decoder import SMoEDecoder
@@ -36,17 +37,8 @@ def _forward(cfg):
 
 
 def _batches(num_batches=2, seed=0):
-  """Batches whose rows end with padding (loss weight 0, token 0) of varying length."""
-  rng = np.random.default_rng(seed)
-  batches = []
-  for _ in range(num_batches):
-    tokens = rng.integers(1, CONFIG.vocab_size, (BATCH, LENGTH))
-    lengths = rng.integers(4, LENGTH + 1, BATCH)
-    weights = (np.arange(LENGTH)[None] < lengths[:, None]).astype(np.float32)
-    tokens = tokens * weights.astype(tokens.dtype)
-    batches.append({"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
-                    "decoder_loss_weights": weights})
-  return batches
+  return padded_batches(vocab_size=CONFIG.vocab_size, batch=BATCH, length=LENGTH,
+                        num_batches=num_batches, seed=seed, min_length=4)
 
 
 def _direct_logits(cfg, params, batch):

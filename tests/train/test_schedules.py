@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import json
 
 import flax
 import jax
@@ -315,3 +316,18 @@ def test_progressive_dropping_drops_the_least_proficient_experts_on_schedule(
   np.testing.assert_array_equal(new_mu["expert"]["wi"]["kernel"],
                                 old_mu["expert"]["wi"]["kernel"][kept])
   assert run.variant_of(after).config.num_experts == 2 and int(after.step) == 1
+
+
+def test_a_bound_router_checkpoints_saved_config_is_the_same_architecture():
+  """The saved config comes back from JSON with nested lists (`layer_router_maps`); it must
+  compare equal to the config it was written from."""
+  config = configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32, num_heads=2,
+                       num_experts=2, layer_router_maps=((0, -1, 1, 0), (1, 0, -1, -1)))
+  saved = json.loads(json.dumps(dataclasses.asdict(config)))
+  assert saved["layer_router_maps"] == [[0, -1, 1, 0], [1, 0, -1, -1]]
+  shapes = trainer._param_shapes(config)  # pylint: disable=protected-access
+  params = {k: np.zeros(v) for k, v in shapes.items()}
+  trainer.check_architecture(config, flax.traverse_util.unflatten_dict(params), "ckpt",
+                                 saved)
+  assert trainer.config_for_params(config, flax.traverse_util.unflatten_dict(params),
+                                       adapt=False, saved_config=saved) == config

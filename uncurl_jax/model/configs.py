@@ -260,9 +260,12 @@ def from_dict(fields: Mapping[str, Any]) -> ModelConfig:
     >>> from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
     True
   """
-  def tuples(value):
-    return tuple(tuples(v) for v in value) if isinstance(value, list) else value
-  return ModelConfig(**{name: tuples(value) for name, value in fields.items()})
+  return ModelConfig(**{name: as_tuples(value) for name, value in fields.items()})
+
+
+def as_tuples(value: Any) -> Any:
+  """A config field read back from JSON with its (nested) lists as tuples."""
+  return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def _block_index(path: str) -> int:

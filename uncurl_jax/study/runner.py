@@ -82,6 +82,7 @@ class Study:
     self.cache = cache_lib.StageCache(config.stages_dir
                                       or os.path.join(config.output_dir, "stages"))
     self.rows: list[report.ResultRow] = []
+    self._items: dict[tuple[str, str, int], np.ndarray] | None = None
     self.row_specs: list[RowSpec] = []
     self.stats_specs: dict[tuple[str, int, int], StageSpec] = {}
     self.done: dict[str, cache_lib.Stage] = {}
@@ -307,16 +308,20 @@ class Study:
     finally:
       self._progress = None
     self.rows = [self._result_row(row) for row in self.row_specs]
+    self._items = None
     return self.rows
 
   def items(self) -> dict[tuple[str, str, int], np.ndarray]:
-    """{(task, model label, seed): per-item scores} of the rows whose scores have items."""
-    out = {}
-    for spec, row in zip(self.row_specs, self.rows):
-      path = os.path.join(spec.score.directory, stages.ITEMS_FILE)
-      if os.path.exists(path):
-        out[(row.task, row.model, row.seed)] = np.load(path)
-    return out
+    """{(task, model label, seed): per-item scores} of the rows whose scores have items;
+    read once per run, and only for one seed (with several, the seeds give the errors)."""
+    if self._items is None:
+      self._items = {}
+      if len(self.config.seeds) == 1:
+        for spec, row in zip(self.row_specs, self.rows):
+          path = os.path.join(spec.score.directory, stages.ITEMS_FILE)
+          if os.path.exists(path):
+            self._items[(row.task, row.model, row.seed)] = np.load(path)
+    return self._items
 
   def _result_row(self, row: RowSpec) -> report.ResultRow:
     score = self.done[row.score.key].result

@@ -72,7 +72,7 @@ def config_for_params(config: configs.ModelConfig, params: Any, *, adapt: bool,
   wanted = configs.with_expert_counts(config, counts)
   maps = (saved_config or {}).get("layer_router_maps")
   if maps is not None and wanted.num_experts:
-    wanted = dataclasses.replace(wanted, layer_router_maps=tuple(tuple(m) for m in maps))
+    wanted = dataclasses.replace(wanted, layer_router_maps=maps)  # normalized by the config
   if wanted != config and not adapt:
     raise ValueError(f"the checkpoint has {tuple(counts.values())} experts in its MoE layers "
                      f"but the model config has num_experts={config.num_experts}; set "
@@ -90,7 +90,8 @@ def check_architecture(config: configs.ModelConfig, params: Any, what: str,
   if saved_config is not None:
     differing = [f"{name} {saved_config[name]!r} (config: {getattr(config, name)!r})"
                  for name in configs.ARCHITECTURE_FIELDS if name in saved_config
-                 and _normalized(saved_config[name]) != _normalized(getattr(config, name))]
+                 and configs.as_tuples(saved_config[name])
+                 != configs.as_tuples(getattr(config, name))]
     if differing:
       raise ValueError(f"{what} is of another model: {', '.join(differing)}")
   want = _param_shapes(config)
@@ -107,10 +108,6 @@ def _param_shapes(config: configs.ModelConfig) -> dict[tuple[str, ...], tuple[in
   shapes = partitioning.abstract_variables(decoder.SMoEDecoder(config),
                                            state_lib.init_batch_shape(config))["params"]
   return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
-
-
-def _normalized(value: Any) -> Any:
-  return tuple(value) if isinstance(value, list) else value
 
 
 class Trainer:
