@@ -154,7 +154,11 @@ def test_the_process_exits_2_without_a_traceback(tmp_path):
       capture_output=True, text=True, cwd=tmp_path, timeout=300)
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith("uncurl_jax.train: error: ")
   assert "TRAIN_STEPZ" in result.stderr.strip().splitlines()[-1]
+  # TensorFlow's C++ start-up lines (cuda drivers, cuInit) stay quiet without --verbose.
+  assert "absl::InitializeLog" not in result.stderr
+  assert "I0000" not in result.stderr and "E0000" not in result.stderr
 
 
 @pytest.mark.parametrize("binding, message", [
@@ -181,6 +185,14 @@ def test_study_command_runs_with_relative_output_dirs(tmp_path, monkeypatch):
   assert outcome["files"]["csv"] == str(tmp_path / "out" / "report" / "results.csv")
   stage_dirs = os.listdir(tmp_path / "out" / "stages")
   assert any(name.startswith("pretrain-e4-") for name in stage_dirs)
+
+
+def test_error_messages_name_the_command_as_typed():
+  from uncurl_jax import experiment  # pylint: disable=g-import-not-at-top
+  assert cli.program_name(train_main.__file__) == "uncurl_jax.train"
+  assert cli.program_name(study_main.__file__) == "uncurl_jax.study"
+  assert cli.program_name(experiment.__file__) == "uncurl_jax.experiment"
+  assert cli.program_name("train") == "train"
 
 
 def test_unexpected_positional_arguments_are_refused(capsys):

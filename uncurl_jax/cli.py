@@ -43,8 +43,44 @@ from absl import logging
 import gin
 import jax
 
-# TensorFlow's C++ INFO and WARNING lines (it is imported later, by the data pipeline).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _quiet_tensorflow(argv: Sequence[str]) -> None:
+  """Imports TensorFlow (the data pipeline's) without its C++ start-up lines.
+
+  TensorFlow prints "Could not find cuda drivers", "failed call to cuInit" and the like
+  from C++ at import and first use, before absl logging is set up, so neither its log
+  level nor ours reach them. Without `--verbose` its C++ log level is errors-off (3,
+  unless the user set another than jax's default 1) and
+  the import runs with file descriptor 2 pointed at /dev/null; Python errors still show.
+  This happens when a command's module imports `cli`, before the command imports the
+  pipeline; `--verbose` (read from argv here, as flags are parsed later) keeps everything.
+  """
+  if any(arg in ("--verbose", "--verbose=true", "--verbose=True") for arg in argv):
+    return
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":  # "1": what importing jax sets
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  if "tensorflow" in sys.modules:
+    return
+  try:
+    sys.stderr.flush()
+    saved = os.dup(2)
+  except (OSError, ValueError):  # no usable descriptor 2 (embedded interpreters)
+    return
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:  # the data pipeline reports it when it needs TensorFlow
+      pass
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+_quiet_tensorflow(sys.argv)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin files, parsed in order.")
@@ -129,8 +165,27 @@ def _quiet_known_warnings(record: std_logging.LogRecord) -> bool:
   return not any(known in message for known in _KNOWN_WARNINGS)
 
 
+def program_name(argv0: str) -> str:
+  """What the user typed: '.../uncurl_jax/train/__main__.py' -> 'uncurl_jax.train'.
+
+  Example:
+    >>> from uncurl_jax.train import __main__ as train_main
+    >>> program_name(train_main.__file__)
+    'uncurl_jax.train'
+  """
+  path = os.path.abspath(argv0)
+  parts = [os.path.splitext(os.path.basename(path))[0]]
+  if parts[0] == "__main__":
+    parts = []
+  directory = path if not parts and os.path.isdir(path) else os.path.dirname(path)
+  while os.path.isfile(os.path.join(directory, "__init__.py")):
+    parts.insert(0, os.path.basename(directory))
+    directory = os.path.dirname(directory)
+  return ".".join(parts) or os.path.basename(argv0)
+
+
 def _exit_with_message(program: str, message: str) -> None:
-  print(f"{os.path.basename(program)}: error: {message}", file=sys.stderr)
+  print(f"{program_name(program)}: error: {message}", file=sys.stderr)
   sys.exit(USAGE_EXIT_CODE)
 
 
