@@ -7,6 +7,7 @@ cached), and rerun with one more method (only that method's stages run).
 """
 
 import dataclasses
+import io
 import os
 
 import gin
@@ -23,6 +24,7 @@ from uncurl_jax.train import schedules
 from uncurl_jax import pruning
 from uncurl_jax.study import runner as study_lib
 from uncurl_jax.study import config as study_config
+from uncurl_jax.study import progress as study_progress
 from uncurl_jax.study import stages as study_stages
 from uncurl_jax.train import run as train_lib
 from uncurl_jax.study.cache import Status
@@ -70,7 +72,9 @@ def runs(tmp_path_factory):
     with pytest.raises(_Interrupted):
       study_run.run_study(_config(output_dir))
   resumed = study_run.run_study(_config(output_dir))
-  cached = study_run.run_study(_config(output_dir))
+  cached_output = io.StringIO()
+  cached = study_run.run_study(_config(output_dir), stream=cached_output)
+  cached["output"] = cached_output.getvalue()
   # Another report directory over the same stages.
   extended = study_run.run_study(_config(
       tmp_path_factory.mktemp("extended"), stages_dir=str(output_dir / "stages"),
@@ -110,6 +114,11 @@ def test_rows_table_and_files(runs):
 def test_rerun_skips_every_stage_and_gives_the_same_rows(runs):
   assert all(status == Status.SKIPPED for _, status in runs["cached"]["events"])
   assert runs["cached"]["rows"] == runs["resumed"]["rows"]
+  # What it prints: the plan first, no progress bar (nothing to run), then the tables.
+  output = runs["cached"]["output"]
+  assert output.startswith("Study 'mini': seeds [0]")
+  assert "to run, " in output.splitlines()[1] and " 0 to run" in output.splitlines()[1]
+  assert "%|" not in output and "After finetuning" in output
 
 
 def test_added_method_runs_only_its_stages(runs):
@@ -209,6 +218,31 @@ def test_bad_training_settings_raise(tmp_path):
   with pytest.raises(ValueError, match="warmup_steps"):
     TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1,
                   learning_rate=1.0, warmup_steps=4, router_warmup_steps=1)
+
+
+def test_progress_counts_one_compilation_per_new_shape(tmp_path):
+  """The ETA's estimate: a step or scorer compiles once per shape in a run; a bound
+  router or uneven counts (mc_smoe) give each pruned model shapes of its own."""
+  config = _config(tmp_path, seeds=[0, 1],
+                   methods=["frequency", "uncurl:merge", "frequency:bind", "mc_smoe"])
+  specs = study_lib.Study(config).plan()
+  costs = study_progress.estimated_costs(specs)
+  charged = [s for s in specs if costs[s.key] > s.cost]
+  assert all(costs[s.key] == s.cost + s.compile_cost for s in charged)
+  assert len({s.compile_key for s in charged}) == len(charged)
+  assert sum(costs.values()) == pytest.approx(sum(s.cost + (s in charged) * s.compile_cost
+                                                  for s in specs))
+
+  def charges(fragment):
+    return sum(1 for s in charged if fragment in s.name and s.kind in ("train", "score"))
+  # Own shapes: per seed its finetune and one scorer (before and after finetuning share it).
+  assert charges("frequency-bind-e4to2") == 2 * 2
+  assert charges("mc_smoe-e4to2") == 2 * 2
+  # The uniform arms reuse the step and scorer of the 2-expert model from scratch, which
+  # compile once (seed 0), like the source's pretraining and finetuning.
+  assert charges("-frequency-e4to2") == charges("uncurl-merge") == 0
+  assert [s.name for s in charged if s.kind == "train" and "to2" not in s.name] == [
+      "pretrain-e2", f"finetune-e2-{TASK}", "pretrain-e4", f"finetune-e4-{TASK}"]
 
 
 def test_specs_parse():

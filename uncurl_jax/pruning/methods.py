@@ -211,6 +211,8 @@ class Method:
     needs_pretrained: Needs the pretrained router (`pretrained_params=`).
     default_router: The router option when the caller gives none.
     description: One line for documentation and error messages.
+    uneven_counts: May keep a different number of experts in each layer (the total is
+      what was asked), so its pruned models have shapes of their own.
   """
 
   name: str
@@ -221,6 +223,7 @@ class Method:
   needs_pretrained: bool = False
   default_router: str = "reinit"
   description: str = ""
+  uneven_counts: bool = False
 
 
 def per_layer(fn: Callable[[MethodInputs, str], Grouping]
@@ -302,7 +305,7 @@ register(Method(
     group=per_layer(lambda i, name: frequency_merge_grouping(
         i.similarities[name], i.frequencies[name], i.targets[name]))))
 register(Method(
-    "mc_smoe", merges=True, group=_mc_smoe,
+    "mc_smoe", merges=True, group=_mc_smoe, uneven_counts=True,
     description="MC-SMoE: dominant experts chosen across layers, the others merge"))
 register(Method(
     "router_norm", merges=False, needs_logits=False, needs_pretrained=True,

@@ -141,6 +141,9 @@ class StageSpec:
     directory: Where its outputs go.
     cost: Estimated work, in the study's units (for progress and ETA).
     kind: What it does ("train", "stats", "prune", "score").
+    compile_key: What it compiles (a step or scorer for one shape), or None; the first
+      stage of a run with a given key also pays `compile_cost` (progress and ETA).
+    compile_cost: Estimated compilation, in the same units.
   """
 
   name: str
@@ -151,6 +154,8 @@ class StageSpec:
   directory: str
   cost: float = 1.0
   kind: str = "stage"
+  compile_key: Any = None
+  compile_cost: float = 0.0
 
 
 class StageCache:
@@ -187,8 +192,8 @@ class StageCache:
     return os.path.join(self.root, f"{name}-{key[:KEY_LENGTH]}")
 
   def plan(self, name: str, config: Mapping[str, Any], work: Callable[[str], Any], *,
-           inputs: Sequence[StageSpec] = (), cost: float = 1.0,
-           kind: str = "stage") -> StageSpec:
+           inputs: Sequence[StageSpec] = (), cost: float = 1.0, kind: str = "stage",
+           compile_key: Any = None, compile_cost: float = 0.0) -> StageSpec:
     """A `StageSpec` of stage `name` (nothing runs; see `run_spec`).
 
     Example:
@@ -197,7 +202,7 @@ class StageCache:
     """
     key = self.key(name, config, inputs)
     return StageSpec(name, config, work, tuple(inputs), key, self.directory(name, key), cost,
-                     kind)
+                     kind, compile_key, compile_cost)
 
   def is_done(self, spec: StageSpec) -> bool:
     """Whether the stage finished in an earlier run (its result is cached)."""

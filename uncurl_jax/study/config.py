@@ -148,6 +148,15 @@ class MethodSpec:
   router: str | None = None
   features: str | None = None
 
+  @property
+  def own_shapes(self) -> bool:
+    """Whether its pruned models have shapes of their own (a bound router's column map,
+    uneven expert counts), so each compiles its own steps."""
+    if self.method == PROGRESSIVE_DROPPING:
+      return False
+    method = pruning_methods.get(self.method)
+    return (self.router or method.default_router) == "bind" or method.uneven_counts
+
   @classmethod
   def parse(cls, text: str) -> MethodSpec:
     parts = str(text).split(":")

@@ -2,7 +2,8 @@
 
 The bar counts the study's work in units of one pretraining step (each stage's estimated
 `cost`; training stages report their steps as they go), so its ETA covers the whole
-study, not the current stage. Cached stages cost nothing. A finished stage prints one
+study, not the current stage. Cached stages cost nothing; the first stage to run of each
+`compile_key` (a new shape's train step or scorer) also counts its `compile_cost`. A finished stage prints one
 line: its name, its seconds and what it produced (a score, the final loss, the experts
 kept).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import collections
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 import tqdm
 
@@ -39,8 +40,11 @@ class Progress:
     self._specs = list(specs)
     self._done = {spec.key for spec in self._specs if cache.is_done(spec)}
     self._stream = stream
-    total = sum(spec.cost for spec in self._specs if spec.key not in self._done)
-    self._bar = tqdm.tqdm(total=total, unit="step", file=stream, leave=True,
+    self._costs = estimated_costs(spec for spec in self._specs if spec.key not in self._done)
+    total = sum(self._costs.values())
+    # delay: the bar first shows at the first progress, after the plan (never when all
+    # stages are cached).
+    self._bar = tqdm.tqdm(total=total, unit="step", file=stream, leave=True, delay=1e-3,
                           mininterval=0.5 if stream.isatty() else 10.0,
                           bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}]")
     self._credited = self._started = self._cost = 0.0
@@ -58,7 +62,8 @@ class Progress:
     return "\n".join(lines)
 
   def start(self, spec: cache_lib.StageSpec, *, cached: bool) -> None:
-    self._credited, self._started, self._cost = 0.0, time.perf_counter(), spec.cost
+    self._credited, self._started = 0.0, time.perf_counter()
+    self._cost = self._costs.get(spec.key, 0.0)
     if not cached:
       self._bar.set_description_str(spec.name[:40], refresh=False)
 
@@ -71,13 +76,31 @@ class Progress:
   def finish(self, spec: cache_lib.StageSpec, stage: cache_lib.Stage) -> None:
     if stage.status == cache_lib.Status.SKIPPED:
       return
-    self._bar.update(max(0.0, spec.cost - self._credited))
+    self._bar.update(max(0.0, self._cost - self._credited))
     seconds = time.perf_counter() - self._started
     self._bar.write(f"{spec.name:<56} {seconds:7.1f} s  {_summary(stage.result)}",
                     file=self._stream)
 
   def close(self) -> None:
     self._bar.close()
+
+
+def estimated_costs(specs: Iterable[cache_lib.StageSpec]) -> dict[str, float]:
+  """{key: cost} of the stages to run, in order; the first stage of each compile key
+  also carries its compilation (the later ones reuse the compiled step).
+
+  Example:
+    >>> estimated_costs([a, b])  # a, b: compile_key "e8", cost 10, compile_cost 50
+    {'<a.key>': 60.0, '<b.key>': 10.0}
+  """
+  costs, compiled = {}, set()
+  for spec in specs:
+    cost = spec.cost
+    if spec.compile_key is not None and spec.compile_key not in compiled:
+      compiled.add(spec.compile_key)
+      cost += spec.compile_cost
+    costs[spec.key] = float(cost)
+  return costs
 
 
 def _summary(result: Any) -> str:

@@ -124,7 +124,8 @@ class Study:
       self._params.popitem(last=False)
 
   def _model_stage(self, name: str, key: dict, fn: Callable[[str], tuple[Any, dict]], *,
-                   inputs: list[StageSpec], cost: float, kind: str) -> StageSpec:
+                   inputs: list[StageSpec], cost: float, kind: str, compile_key: Any = None,
+                   compile_cost: float = 0.0) -> StageSpec:
     """A stage whose `fn` returns (params, result); its params stay in memory."""
     holder: dict[str, StageSpec] = {}
 
@@ -132,7 +133,8 @@ class Study:
       params, result = fn(directory)
       self._remember(holder["spec"].key, params)
       return result
-    holder["spec"] = self.cache.plan(name, key, work, inputs=inputs, cost=cost, kind=kind)
+    holder["spec"] = self.cache.plan(name, key, work, inputs=inputs, cost=cost, kind=kind,
+                                     compile_key=compile_key, compile_cost=compile_cost)
     return holder["spec"]
 
   # ----------------------------------------------------------------------------------------
@@ -140,8 +142,12 @@ class Study:
 
   def _train(self, name: str, key: dict, *, num_experts: int, settings: TrainSettings,
              seed: int, task: str | None, init: StageSpec | None, router_warmup: bool,
-             dropping=None, steps: int | None = None, data_offset: int = 0) -> StageSpec:
-    """Trains `init`'s params (its own config: a pruned model's) or a fresh model."""
+             dropping=None, steps: int | None = None, data_offset: int = 0,
+             shape: Any = None) -> StageSpec:
+    """Trains `init`'s params (its own config: a pruned model's) or a fresh model.
+
+    `shape` names the model's shapes for the progress estimate (default: `num_experts`;
+    a pruned model with shapes of its own passes its name)."""
     if steps is not None:
       settings = dataclasses.replace(settings, steps=steps)
     warmup = router_warmup and num_experts > 0
@@ -158,8 +164,12 @@ class Study:
     key = {**key, "train": dataclasses.asdict(settings), "seed": seed, "router_warmup": warmup,
            "dropping": None if dropping is None else dataclasses.asdict(dropping),
            "data_offset": data_offset}
+    compile_key = ("train", num_experts if shape is None else shape, settings.batch_size,
+                   settings.length, warmup, dropping is not None)
     return self._model_stage(name, key, run, inputs=[] if init is None else [init],
-                             cost=self._work.train_cost(settings), kind="train")
+                             cost=self._work.train_cost(settings), kind="train",
+                             compile_key=compile_key,
+                             compile_cost=self._work.train_compile_cost())
 
   def pretrained(self, num_experts: int, seed: int) -> StageSpec:
     """The pretrained (and, if configured, pre-finetuned) model with `num_experts`."""
@@ -176,10 +186,11 @@ class Study:
 
   def finetuned(self, task: StudyTask, init: StageSpec, label: str, *, num_experts: int,
                 seed: int, router_warmup: bool = True, dropping=None,
-                full_steps: int | None = None, data_offset: int = 0) -> StageSpec:
+                full_steps: int | None = None, data_offset: int = 0,
+                shape: Any = None) -> StageSpec:
     """`init` finetuned on `task`: router-only warm-up steps, then full-parameter steps
     (`full_steps` of them; default: the finetune settings'), on the task's batches from
-    `data_offset` on."""
+    `data_offset` on (`shape`: see `_train`)."""
     settings = self.config.finetune_settings(task)
     steps = None
     if full_steps is not None:
@@ -187,7 +198,7 @@ class Study:
     return self._train(f"finetune-{label}-{task.name}", {"task": task.name},
                        num_experts=num_experts, settings=settings, seed=seed, task=task.name,
                        init=init, router_warmup=router_warmup, dropping=dropping, steps=steps,
-                       data_offset=data_offset)
+                       data_offset=data_offset, shape=shape)
 
   def _advance(self, units: float) -> None:
     if self._progress is not None:
@@ -221,12 +232,15 @@ class Study:
                              run, inputs=inputs, cost=self._work.prune_cost(method),
                              kind="prune")
 
-  def scored(self, task: StudyTask, model: StageSpec) -> StageSpec:
-    """Metrics of a model stage on the task, and its expert usage on the task's tokens."""
+  def scored(self, task: StudyTask, model: StageSpec, shape: Any) -> StageSpec:
+    """Metrics of a model stage on the task, and its expert usage on the task's tokens
+    (`shape`: the model's shapes for the progress estimate, see `_train`)."""
     def work(directory):
       return self._work.score(directory, task, self.model_config(model), self.params(model))
     return self.cache.plan(f"score-{model.name}", self._work.score_key(task), work,
-                           inputs=[model], cost=self._work.score_cost(), kind="score")
+                           inputs=[model], cost=self._work.score_cost(), kind="score",
+                           compile_key=("score", shape),
+                           compile_cost=self._work.score_compile_cost())
 
   # ----------------------------------------------------------------------------------------
   # The plan.
@@ -244,8 +258,8 @@ class Study:
         finetuned = {e: self.finetuned(task, bases[e], _slug(e), num_experts=e, seed=seed)
                      for e in sizes}
         for e in sizes:
-          self._row(task, "dense" if e == 0 else "scratch", e, seed, self.scored(task,
-                                                                              finetuned[e]))
+          self._row(task, "dense" if e == 0 else "scratch", e, seed,
+                    self.scored(task, finetuned[e], shape=e))
         for source in cfg.source_experts:
           self._plan_source(task, source, seed, bases[source])
     for row in self.row_specs:
@@ -266,6 +280,8 @@ class Study:
     for size in [d for e, d in cfg.pairs if e == source]:
       for method in cfg.methods:
         label, before = f"{method.slug}-e{source}to{size}", None
+        # Bound routers and uneven counts give every pruned model shapes of its own.
+        shape = f"{label}-seed{seed}" if method.own_shapes else size
         if method.method == PROGRESSIVE_DROPPING:
           trained = self.finetuned(task, base, label, num_experts=source, seed=seed,
                                    dropping=dataclasses.replace(cfg.dropping,
@@ -281,12 +297,12 @@ class Study:
             offset = settings.router_warmup_steps + probe  # it continues the probe's data
           pruned = self.pruned(task, method, (source, size), seed, source=source_params,
                                stats=stats, pretrained=pretrained)
-          before = self.scored(task, pruned)
+          before = self.scored(task, pruned, shape=shape)
           trained = self.finetuned(task, pruned, label, num_experts=size, seed=seed,
                                    router_warmup=rest is None, full_steps=rest,
-                                   data_offset=offset)
-        self._row(task, "pruned", size, seed, self.scored(task, trained), source=source,
-                  method=method, before=before)
+                                   data_offset=offset, shape=shape)
+        self._row(task, "pruned", size, seed, self.scored(task, trained, shape=shape),
+                  source=source, method=method, before=before)
 
   def _row(self, task, kind, num_experts, seed, score, **kwargs) -> None:
     self.row_specs.append(RowSpec(task, kind, num_experts, seed, score, **kwargs))
