@@ -115,6 +115,16 @@ def test_keeps_the_newest_checkpoints_and_ignores_unfinished_ones(tmp_path):
   assert checkpoints.latest_step(checkpoints.make_manager(tmp_path / "empty")) is None
 
 
+def test_a_read_only_manager_asks_orbax_for_nothing_it_must_change(tmp_path, caplog):
+  """orbax warns once per manager when read-only options ask for saving or keeping
+  (every finished stage the study reads opened one: 51 lines in one full run)."""
+  checkpoints.make_manager(tmp_path, keep=2, async_save=False).close()
+  with caplog.at_level("WARNING"):
+    manager = checkpoints.make_manager(tmp_path, keep=2, read_only=True)
+  assert not [r for r in caplog.records if "CheckpointManagerOptions" in r.getMessage()]
+  assert manager.all_steps() == []
+
+
 def test_params_only_checkpoint_shapes_and_restore(tmp_path):
   params = _params()
   checkpoints.save_params(tmp_path, params, step=3, metadata={"pruned_from": 16})

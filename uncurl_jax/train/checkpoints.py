@@ -64,9 +64,10 @@ def make_manager(directory: str | os.PathLike, *, keep: int | None = None,
     raise ValueError(f"keep must be None or >= 1, got {keep}")
   if not read_only:
     remove_stale_temporaries(directory)
+  # A read-only manager saves nothing: say so (orbax warns when it has to change these).
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=async_save)
+      max_to_keep=None if read_only else keep, create=not read_only, read_only=read_only,
+      save_interval_steps=0 if read_only else 1, enable_async_checkpointing=async_save)
   # orbax needs absolute paths; the command line makes its paths absolute, library
   # callers may pass relative ones.
   return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
