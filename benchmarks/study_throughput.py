@@ -6,8 +6,10 @@ Side by side in one process, at the default study's settings (gin/experiments/sy
    times (the floor: no data, no loop, no checkpoint);
 2. study: a pretraining stage of the same model through the study's StageTrainer (cached
    batches, the shared training loop, one checkpoint at the end), same steps;
-3. set-up: a second stage of the same shapes (a finetune-sized run), whose time beyond its
-   steps is what every further stage pays before its first step.
+3. set-up: a second stage of the same shapes and seed (its batches cached, as for the
+   models of one seed in the study) and a short one, whose time beyond its steps is what
+   every further stage pays before its first step;
+4. data: a stage of another seed, which reads its own batches from the seqio pipeline.
 
 Prints seconds, steps per second and the ratios; the target is study/bare <= 1.10 and a
 set-up of at most 2 s.
@@ -37,6 +39,9 @@ from uncurl_jax.study.run import persistent_compilation_cache
 from uncurl_jax.train import optim
 from uncurl_jax.train import state as state_lib
 from uncurl_jax.train import step as step_lib
+
+
+LOG_EVERY = 25
 
 
 def _study_config():
@@ -72,11 +77,14 @@ def bare_steps_per_second(config, settings, steps: int) -> tuple[float, float]:
   return compile_seconds, steps / (time.perf_counter() - start)
 
 
-def study_stage_seconds(trainer, config, settings, directory, seed=0) -> float:
-  start = time.perf_counter()
+def study_stage_seconds(trainer, config, settings, directory, seed=0
+                        ) -> tuple[float, list[float]]:
+  """(seconds of the stage, seconds at each of its progress reports)."""
+  start, reports = time.perf_counter(), []
   trainer.train(directory, config=config, settings=settings, seed=seed,
-                task=settings.mixture_or_task_name, init_params=None)
-  return time.perf_counter() - start
+                task=settings.mixture_or_task_name, init_params=None,
+                on_steps=lambda units: reports.append(time.perf_counter() - start))
+  return time.perf_counter() - start, reports
 
 
 def main() -> None:
@@ -95,21 +103,26 @@ def main() -> None:
       os.path.join(tmp, "cache")):
     compile_seconds, bare = bare_steps_per_second(config, settings, args.steps)
     trainer = training.StageTrainer(mesh=partitioning.make_mesh(),
-                                    checkpoint_every_steps=10**9, log_every_steps=50)
-    first = study_stage_seconds(trainer, config, settings, os.path.join(tmp, "a"))
-    # The study's own rate: a second stage of the same shapes, minus its set-up, is
-    # measured below; here the first stage's steps at the bare rate bound its set-up.
-    again = study_stage_seconds(trainer, config, settings, os.path.join(tmp, "b"), seed=1)
-    short = dataclasses.replace(settings, steps=max(1, args.steps // 10))
-    small = study_stage_seconds(trainer, config, short, os.path.join(tmp, "c"), seed=2)
-  per_step = (again - small) / (settings.steps - short.steps)
-  setup = small - short.steps * per_step
+                                    checkpoint_every_steps=10**9, log_every_steps=LOG_EVERY)
+    first, _ = study_stage_seconds(trainer, config, settings, os.path.join(tmp, "a"))
+    # Stages of one seed share its batches (the study's models of a seed read them once):
+    # a second stage of the same shapes and seed, timed at its progress reports (every
+    # LOG_EVERY steps), gives the loop's rate and what the stage spends besides its steps;
+    # a stage of another seed adds reading its batches.
+    again, reports = study_stage_seconds(trainer, config, settings, os.path.join(tmp, "b"))
+    other_seed, _ = study_stage_seconds(trainer, config, settings, os.path.join(tmp, "d"),
+                                        seed=1)
+  per_step = (reports[-1] - reports[0]) / (LOG_EVERY * (len(reports) - 1))
+  setup = again - settings.steps * per_step
   study_rate = 1.0 / per_step
   print(f"bare step:  {bare:8.2f} steps/s  (compile {compile_seconds:.1f} s)")
   print(f"study loop: {study_rate:8.2f} steps/s  ratio bare/study {bare / study_rate:.3f} "
         f"(target <= 1.10)")
-  print(f"first stage (compiles): {first:.1f} s; set-up of a stage with compiled shapes: "
-        f"{setup:.2f} s (target <= 2 s)")
+  print(f"first stage (compiles, reads its batches): {first:.1f} s; a stage with compiled "
+        f"shapes and cached batches: {again:.1f} s, of which {setup:.2f} s besides its steps "
+        "(target <= 2 s)")
+  print(f"a stage of another seed (reads its {settings.steps} batches): {other_seed:.1f} s, "
+        f"{(other_seed - again) / settings.steps * 1e3:.1f} ms per batch read")
 
 
 if __name__ == "__main__":
