@@ -225,6 +225,8 @@ class Study:
           directory, params=self.params(source), config=self.model_config(source),
           stats_dir=stats.directory, method=method, num_experts=pair[1], seed=seed,
           pretrained_params=None if pretrained is None else self.params(pretrained))
+      params = stages.place_params(params, config=configs.from_dict(summary["model_config"]),
+                                   mesh=self.config.runtime.mesh)
       return params, {**summary, "checkpoint": stages.PARAMS_DIR}
     key = self._work.prune_key(method, pair[1], seed)
     inputs = [source, stats] + ([] if pretrained is None else [pretrained])
