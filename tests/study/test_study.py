@@ -18,6 +18,7 @@ import pytest
 import uncurl_jax.tasks  # noqa: F401  (registers the seqio tasks)
 from uncurl_jax.train import checkpoints
 from uncurl_jax.model import configs
+from uncurl_jax.model import partitioning
 from uncurl_jax.study import __main__ as study_main
 from uncurl_jax.study import run as study_run
 from uncurl_jax.train import schedules
@@ -276,3 +277,22 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
   assert config.pairs
   names = {m.method for m in config.methods}
   assert {"uncurl", "frequency"} <= names
+
+
+def test_pruned_params_are_placed_like_restored_ones(tmp_path):
+  """A pruned model's host params get the shardings restored and trained params have, so
+  its scores reuse the scorer compiled for them."""
+  config = configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32, num_heads=2,
+                       max_length=32, num_experts=4)
+  mesh = partitioning.make_mesh()
+  model = study_stages.decoder.SMoEDecoder(config)
+  tokens = np.ones((2, 8), np.int32)
+  host = jax.device_get(model.init(jax.random.key(0), tokens, tokens,
+                                   enable_dropout=False)["params"])
+  placed = study_stages.place_params(host, config=config, mesh=mesh)
+  checkpoints.save_params(str(tmp_path / "p"), host)
+  restored = study_stages.restore_params(str(tmp_path / "p"), config=config, mesh=mesh)
+  for got, want, value in zip(jax.tree.leaves(placed), jax.tree.leaves(restored),
+                              jax.tree.leaves(host)):
+    assert isinstance(got, jax.Array) and got.sharding == want.sharding
+    np.testing.assert_array_equal(np.asarray(got), value)
