@@ -7,8 +7,8 @@ Side by side in one process, at the default study's settings (gin/experiments/sy
 2. study: a pretraining stage of the same model through the study's StageTrainer (cached
    batches, the shared training loop, one checkpoint at the end), same steps;
 3. set-up: a second stage of the same shapes and seed (its batches cached, as for the
-   models of one seed in the study) and a short one, whose time beyond its steps is what
-   every further stage pays before its first step;
+   models of one seed in the study), timed at its progress reports: its time beyond its
+   steps is what every further stage pays;
 4. data: a stage of another seed, which reads its own batches from the seqio pipeline.
 
 Prints seconds, steps per second and the ratios; the target is study/bare <= 1.10 and a

@@ -44,15 +44,14 @@ import gin
 import jax
 
 
-
 def _quiet_tensorflow(argv: Sequence[str]) -> None:
   """Imports TensorFlow (the data pipeline's) without its C++ start-up lines.
 
   TensorFlow prints "Could not find cuda drivers", "failed call to cuInit" and the like
   from C++ at import and first use, before absl logging is set up, so neither its log
   level nor ours reach them. Without `--verbose` its C++ log level is errors-off (3,
-  unless the user set another than jax's default 1) and
-  the import runs with file descriptor 2 pointed at /dev/null; Python errors still show.
+  unless the user set another than jax's default 1) and the import runs with file
+  descriptor 2 pointed at /dev/null; Python errors still show.
   This happens when a command's module imports `cli`, before the command imports the
   pipeline; `--verbose` (read from argv here, as flags are parsed later) keeps everything.
   """
@@ -174,10 +173,9 @@ def program_name(argv0: str) -> str:
     'uncurl_jax.train'
   """
   path = os.path.abspath(argv0)
-  parts = [os.path.splitext(os.path.basename(path))[0]]
-  if parts[0] == "__main__":
-    parts = []
-  directory = path if not parts and os.path.isdir(path) else os.path.dirname(path)
+  name = os.path.splitext(os.path.basename(path))[0]
+  parts = [] if name == "__main__" else [name]
+  directory = os.path.dirname(path)
   while os.path.isfile(os.path.join(directory, "__init__.py")):
     parts.insert(0, os.path.basename(directory))
     directory = os.path.dirname(directory)

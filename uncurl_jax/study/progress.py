@@ -3,9 +3,9 @@
 The bar counts the study's work in units of one pretraining step (each stage's estimated
 `cost`; training stages report their steps as they go), so its ETA covers the whole
 study, not the current stage. Cached stages cost nothing; the first stage to run of each
-`compile_key` (a new shape's train step or scorer) also counts its `compile_cost`. A finished stage prints one
-line: its name, its seconds and what it produced (a score, the final loss, the experts
-kept).
+`compile_key` (a new shape's train step or scorer) also counts its `compile_cost`. A
+finished stage prints one line: its name, its seconds and what it produced (a score, the
+final loss, the experts kept).
 
 Example:
   >>> progress = Progress(specs, cache)

@@ -49,21 +49,21 @@ def restore_params(checkpoint_dir: str, *, config: configs.ModelConfig,
   """Params of a finished stage (a training run's directory or a params-only checkpoint)
   of the model `config` (the stage's own)."""
   directory = checkpoints.resolve_checkpoint_dir(checkpoint_dir)
-  abstract = state_lib.abstract_params(decoder.SMoEDecoder(config),
-                                       batch_shape=state_lib.init_batch_shape(config),
-                                       mesh=mesh)
-  return checkpoints.restore_params(directory, abstract_params=abstract)
+  return checkpoints.restore_params(directory, abstract_params=_abstract_params(config, mesh))
+
+
+def _abstract_params(config: configs.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
+  return state_lib.abstract_params(decoder.SMoEDecoder(config),
+                                   batch_shape=state_lib.init_batch_shape(config), mesh=mesh)
 
 
 def place_params(params: Any, *, config: configs.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   """`params` (host arrays, e.g. a pruned model's) placed as training and restoring place
   the params of the model `config`, so they reuse the steps and scorers compiled for those
   (host inputs would compile their own)."""
-  abstract = state_lib.abstract_params(decoder.SMoEDecoder(config),
-                                       batch_shape=state_lib.init_batch_shape(config),
-                                       mesh=mesh)
   return jax.tree.map(lambda spec, value: jax.device_put(np.asarray(value, spec.dtype),
-                                                         spec.sharding), abstract, params)
+                                                         spec.sharding),
+                      _abstract_params(config, mesh), params)
 
 
 # ------------------------------------------------------------------------------------------
