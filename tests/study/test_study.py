@@ -27,6 +27,7 @@ from uncurl_jax.study import runner as study_lib
 from uncurl_jax.study import config as study_config
 from uncurl_jax.study import progress as study_progress
 from uncurl_jax.study import stages as study_stages
+from uncurl_jax.study import training as study_training
 from uncurl_jax.train import run as train_lib
 from uncurl_jax.study.cache import Status
 from uncurl_jax.study.config import Runtime, TrainSettings
@@ -296,3 +297,25 @@ def test_pruned_params_are_placed_like_restored_ones(tmp_path):
                               jax.tree.leaves(host)):
     assert isinstance(got, jax.Array) and got.sharding == want.sharding
     np.testing.assert_array_equal(np.asarray(got), value)
+
+
+def test_stage_batches_are_read_as_training_reaches_them_and_shared():
+  """A seed's stream is read lazily (the first model trains while seqio reads) and once:
+  a later stage of the same stream reads only the batches no stage has read yet."""
+  reads = []
+
+  def stream():
+    for index in range(10**6):
+      reads.append(index)
+      yield {"index": index}
+  cached, source = [], stream()
+  read = study_training.StageTrainer._read_through
+  first = read(cached, source, 0, 4)
+  assert reads == []
+  assert next(first) == {"index": 0} and reads == [0]
+  assert [b["index"] for b in first] == [1, 2, 3] and reads == [0, 1, 2, 3]
+  assert [b["index"] for b in read(cached, source, 2, 6)] == [2, 3, 4, 5]
+  assert reads == list(range(6))
+  # A resumed stage starts at its checkpoint's step.
+  assert [b["index"] for b in read(cached, source, 5, 7)] == [5, 6]
+  assert reads == list(range(7))

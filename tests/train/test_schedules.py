@@ -20,6 +20,7 @@ from uncurl_jax.train import __main__ as train_main
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
+from uncurl_jax.train import state as state_lib
 from uncurl_jax.train import trainer
 
 # Compile each distinct program once across this module's runs (fixture in conftest.py).
@@ -331,3 +332,36 @@ def test_a_bound_router_checkpoints_saved_config_is_the_same_architecture():
                                  saved)
   assert trainer.config_for_params(config, flax.traverse_util.unflatten_dict(params),
                                        adapt=False, saved_config=saved) == config
+
+
+def test_states_of_one_variant_are_traced_once_and_equal_the_free_functions(tmp_path,
+                                                                             monkeypatch):
+  """Stages of one shape (the study's seeds, its finetunings) reuse the variant's jitted
+  state constructors: the model is traced once, and the states equal init_state's and
+  state_from_params'."""
+  config = configs.get("tiny", num_experts=4, num_layers=2, d_model=16, d_ff=32)
+  run = _trainer(config)
+  traces = []
+  original = decoder.SMoEDecoder.init
+  monkeypatch.setattr(decoder.SMoEDecoder, "init",
+                      lambda self, *a, **k: traces.append(1) or original(self, *a, **k))
+  states, traced = [], []
+  for seed in (0, 1):
+    states.append(run.initial_state(checkpoints.make_manager(tmp_path / str(seed)),
+                                    rng=jax.random.key(seed)))
+    traced.append(len(traces))
+  assert traced[0] >= 1 and traced[1] == traced[0]  # the second state: no new trace
+  variant = run.variant(run.config, 0)
+  expected = state_lib.init_state(variant.model, variant.tx, rng=jax.random.key(1),
+                                  batch_shape=(8, 32), layout=variant.layout)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(states[1]),
+               jax.device_get(expected))
+  assert not np.array_equal(states[0].params["layers_0"]["mlp"]["router"]["kernel"],
+                            states[1].params["layers_0"]["mlp"]["router"]["kernel"])
+  around = variant.state_from_params(states[0].params, step=3)
+  expected = state_lib.state_from_params(variant.model, variant.tx, states[0].params,
+                                         layout=variant.layout, step=3)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(around), jax.device_get(expected))
+  assert int(around.step) == 3
+  assert all(jax.tree.leaves(jax.tree.map(lambda leaf, sharding: leaf.sharding == sharding,
+                                           around, variant.layout.shardings)))

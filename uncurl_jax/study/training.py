@@ -87,7 +87,9 @@ class StageTrainer:
   def _train_batches(self, task: str, settings, seed: int, first: int, last: int
                      ) -> Iterator[dict]:
     """The batches of steps first, ..., last - 1 of `task`'s stream (the order
-    `train.run.train` uses). Procedures of one task share the stream, read once."""
+    `train.run.train` uses). Procedures of one task share the stream, read once, and
+    lazily: a batch is read when training reaches it, so the seqio pipeline (whose
+    prefetch runs in the background) reads the first model's batches while it trains."""
     args = dict(self._data_args(task, settings), global_batch_size=settings.batch_size,
                 seed=seed, pack=settings.pack)
     if last * settings.batch_size * settings.length > self._max_cached_tokens:
@@ -97,9 +99,15 @@ class StageTrainer:
     if key not in self._batches:
       self._batches[key] = []
       self._streams[key] = pipeline.train_dataset(**args).as_numpy_iterator()
-    cached = self._batches[key]
-    cached.extend(itertools.islice(self._streams[key], max(0, last - len(cached))))
-    return iter(cached[first:last])
+    return self._read_through(self._batches[key], self._streams[key], first, last)
+
+  @staticmethod
+  def _read_through(cached: list, stream: Iterator[dict], first: int, last: int
+                    ) -> Iterator[dict]:
+    for index in range(first, last):
+      if index >= len(cached):
+        cached.extend(itertools.islice(stream, index + 1 - len(cached)))
+      yield cached[index]
 
   def _probe(self, task: str, settings, dropping) -> Callable[[], list] | None:
     if dropping is None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -133,25 +133,50 @@ def state_layout(model: nn.Module, tx: optax.GradientTransformation, *,
                      mesh=mesh)
 
 
+def state_from_params_fn(model: nn.Module, tx: optax.GradientTransformation, *,
+                         layout: StateLayout) -> Callable[..., step_lib.TrainState]:
+  """`state_from_params` for one (model, optimizer, layout), traced once.
+
+  Example: `make = state_from_params_fn(model, tx, layout=layout)`, then
+  `make(params, step=0)` for every run that starts from params of these shapes.
+  """
+  create = jax.jit(lambda p: step_lib.create_state(model, p, tx),
+                   out_shardings=layout.shardings)
+
+  def make(params: Any, step: int = 0) -> step_lib.TrainState:
+    state = create(jax.device_put(params, layout.shardings.params))
+    return state.replace(step=jax.device_put(jnp.asarray(step, jnp.int32),
+                                             layout.shardings.step))
+  return make
+
+
 def state_from_params(model: nn.Module, tx: optax.GradientTransformation, params: Any, *,
                       layout: StateLayout, step: int = 0) -> step_lib.TrainState:
   """A fresh TrainState (new optimizer state) around `params`, laid out as `layout`.
 
   Used to start finetuning from loaded params and to start a new training phase
-  (router warm-up -> full training; after experts are dropped).
+  (router warm-up -> full training; after experts are dropped). Repeated calls retrace;
+  `state_from_params_fn` traces once.
   """
-  params = jax.device_put(params, layout.shardings.params)
-  create = jax.jit(lambda p: step_lib.create_state(model, p, tx),
-                   out_shardings=layout.shardings)
-  return create(params).replace(step=jax.device_put(jnp.asarray(step, jnp.int32),
-                                                    layout.shardings.step))
+  return state_from_params_fn(model, tx, layout=layout)(params, step=step)
+
+
+def init_state_fn(model: nn.Module, tx: optax.GradientTransformation, *,
+                  batch_shape: tuple[int, int], layout: StateLayout
+                  ) -> Callable[[jax.Array], step_lib.TrainState]:
+  """`init_state` for one (model, optimizer, layout) as a jitted function of the key.
+
+  Example: `init = init_state_fn(model, tx, batch_shape=(8, 128), layout=layout)`, then
+  `init(jax.random.key(seed))` for every run of these shapes (traced once).
+  """
+  def create(key):
+    tokens = jnp.ones(batch_shape, jnp.float32)
+    params = model.init(key, tokens, tokens, enable_dropout=False)["params"]
+    return step_lib.create_state(model, params, tx)
+  return jax.jit(create, out_shardings=layout.shardings)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation, *, rng: jax.Array,
                batch_shape: tuple[int, int], layout: StateLayout) -> step_lib.TrainState:
   """A TrainState with freshly initialized params, created directly in its shardings."""
-  def create(key):
-    tokens = jnp.ones(batch_shape, jnp.float32)
-    params = model.init(key, tokens, tokens, enable_dropout=False)["params"]
-    return step_lib.create_state(model, params, tx)
-  return jax.jit(create, out_shardings=layout.shardings)(rng)
+  return init_state_fn(model, tx, batch_shape=batch_shape, layout=layout)(rng)

@@ -49,6 +49,8 @@ class Variant:
   layout: state_lib.StateLayout
   train_step: Callable  # (state, batch, rng) -> (state, metrics)
   eval_step: Callable  # (params, batch) -> metrics
+  init_state: Callable  # rng -> a freshly initialized state (traced once)
+  state_from_params: Callable  # (params, step=0) -> a state around params (traced once)
 
 
 def config_for_params(config: configs.ModelConfig, params: Any, *, adapt: bool,
@@ -168,7 +170,11 @@ class Trainer:
           config, mesh=self.mesh, state_shardings=layout.shardings,
           batch_sharding=partitioning.batch_sharding(self.mesh))
       eval_step = step_lib.compile_eval_step(config, model.apply, mesh=self.mesh)
-      self._variants[key] = Variant(config, phase_index, model, tx, layout, step, eval_step)
+      self._variants[key] = Variant(
+          config, phase_index, model, tx, layout, step, eval_step,
+          init_state=state_lib.init_state_fn(model, tx, batch_shape=self.batch_shape,
+                                             layout=layout),
+          state_from_params=state_lib.state_from_params_fn(model, tx, layout=layout))
     return self._variants[key]
 
   def variant_of(self, state: step_lib.TrainState) -> Variant:
@@ -218,10 +224,8 @@ class Trainer:
       init_params = checkpoints.restore_params(directory, step=init_checkpoint_step,
                                                abstract_params=variant.layout.abstract.params)
     if init_params is not None:
-      return state_lib.state_from_params(variant.model, variant.tx, init_params,
-                                         layout=variant.layout, step=0)
-    return state_lib.init_state(variant.model, variant.tx, rng=rng,
-                                batch_shape=self.batch_shape, layout=variant.layout)
+      return variant.state_from_params(init_params, step=0)
+    return variant.init_state(rng)
 
   def _adapt_config(self, params: Any, what: str, saved_config: dict | None = None) -> None:
     """Takes the expert counts of `params` if allowed; refuses other architectures."""
@@ -292,8 +296,7 @@ class Trainer:
       variant = self.variant(current.config, wanted)
       logging.info("Step %d: phase %r -> %r.", step, self.phases[current.phase_index].name,
                    self.phases[wanted].name)
-      state = state_lib.state_from_params(variant.model, variant.tx, state.params,
-                                          layout=variant.layout, step=step)
+      state = variant.state_from_params(state.params, step=step)
     if self.dropping is not None:
       target = self.dropping.experts_at(step, num_experts=self.config.num_experts)
       if target < self.variant_of(state).config.num_experts:
