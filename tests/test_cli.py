@@ -20,28 +20,50 @@ from uncurl_jax.train import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+# The miniature study of tests/study/test_study.py (`_config`, one method), so that its
+# compiled programs come from the session's compilation cache when that module ran first.
 MINI_STUDY = """
-include 'gin/experiments/synthetic.gin'
-OUTPUT_DIR = 'out/report'
-STAGES_DIR = 'out/stages'
-SOURCE_EXPERTS = [4]
-PRUNED_EXPERTS = [2]
-METHODS = ['frequency']
-configs.get.d_model = 16
-configs.get.d_ff = 32
-configs.get.num_layers = 2
-StudyConfig.dense_reference = False
-StudyConfig.eval_batches = 1
-StudyConfig.eval_batch_size = 8
-StudyConfig.logits_max_tokens = 64
-StudyConfig.usage_max_tokens = 64
-pretraining/TrainSettings.steps = 2
-pretraining/TrainSettings.warmup_steps = 1
-pretraining/TrainSettings.batch_size = 8
-finetuning/TrainSettings.steps = 2
-finetuning/TrainSettings.warmup_steps = 0
-finetuning/TrainSettings.router_warmup_steps = 1
-finetuning/TrainSettings.batch_size = 8
+import uncurl_jax.tasks
+run_study.config = @StudyConfig()
+StudyConfig:
+  name = 'mini'
+  output_dir = 'out/report'
+  stages_dir = 'out/stages'
+  model = @configs.get()
+  tasks = ['synthetic_lm_dna']
+  pretrain = @pretraining/TrainSettings()
+  finetune = @finetuning/TrainSettings()
+  source_experts = [4]
+  pruned_experts = [2]
+  methods = ['frequency']
+  dense_reference = False
+  eval_batches = 1
+  eval_batch_size = 8
+  logits_max_tokens = 64
+  usage_max_tokens = 64
+configs.get:
+  name = 'tiny'
+  num_layers = 2
+  moe_every = 1
+  d_model = 16
+  d_ff = 32
+  num_heads = 2
+  max_length = 32
+pretraining/TrainSettings:
+  task_feature_lengths = {'targets': 32}
+  steps = 4
+  batch_size = 8
+  learning_rate = 1e-2
+  warmup_steps = 1
+  mixture_or_task_name = 'synthetic_lm'
+finetuning/TrainSettings:
+  task_feature_lengths = {'targets': 32}
+  steps = 4
+  batch_size = 8
+  learning_rate = 1e-2
+  warmup_steps = 1
+  router_warmup_steps = 1
+  router_warmup_learning_rate = 1e-2
 """
 
 
