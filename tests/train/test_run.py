@@ -241,3 +241,19 @@ def test_each_host_reads_its_own_shard_of_the_training_data():
     pipeline.train_dataset(**{**args, "global_batch_size": 5}, process_index=0)
   with pytest.raises(ValueError, match=r"process_index=2 must be in \[0, 2\)"):
     pipeline.train_dataset(**args, process_index=2)
+
+
+def test_a_host_batch_becomes_global_arrays_split_over_the_batch_axes():
+  """One process: one transfer of the whole batch, the arrays the multi-host path makes."""
+  mesh = partitioning.make_mesh(data=2, expert=4)
+  sharding = partitioning.batch_sharding(mesh)
+  batch = {"decoder_target_tokens": np.arange(8 * 4, dtype=np.int32).reshape(8, 4),
+           "decoder_loss_weights": np.ones((8, 4), np.float32)}
+  got = pipeline.to_global(batch, sharding)
+  for name, value in batch.items():
+    expected = jax.make_array_from_process_local_data(sharding, value)
+    assert got[name].sharding == expected.sharding == sharding
+    assert got[name].dtype == value.dtype
+    np.testing.assert_array_equal(np.asarray(got[name]), value)
+    assert [s.index for s in got[name].addressable_shards] == [
+        s.index for s in expected.addressable_shards]

@@ -67,7 +67,7 @@ def train_loop(trainer: trainer_lib.Trainer, state: step_lib.TrainState,
   history: list[tuple[int, dict[str, float]]] = []
   sharding = partitioning.batch_sharding(trainer.mesh)
   for step in range(int(state.step), total_steps):
-    state = trainer.advance(state, probe_batches=probe)
+    state = trainer.advance(state, probe_batches=probe, step=step)
     variant = trainer.variant_of(state)
     state, metrics = variant.train_step(state, pipeline.to_global(next(batches), sharding),
                                         dropout_rng)

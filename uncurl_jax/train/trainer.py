@@ -281,15 +281,18 @@ class Trainer:
   # Moving between variants.
 
   def advance(self, state: step_lib.TrainState, *,
-              probe_batches: Callable[[], Sequence[Any]] | None) -> step_lib.TrainState:
+              probe_batches: Callable[[], Sequence[Any]] | None,
+              step: int | None = None) -> step_lib.TrainState:
     """Applies a phase change or an expert drop due at `state.step` (idempotent).
 
     Args:
       state: The state before training step `state.step + 1`.
       probe_batches: Returns the fixed training batches on which expert proficiency is
         measured; needed when progressive dropping is on.
+      step: `state.step` if the caller knows it: reading it from the device would wait
+        for the previous step, so the host could not prepare the next batch meanwhile.
     """
-    step = int(state.step)
+    step = int(state.step) if step is None else step
     current = self.variant_of(state)
     wanted = schedules.phase_index(self.phases, step)
     if wanted != current.phase_index:
