@@ -51,6 +51,14 @@ def _study_config():
   return gin.query_parameter("run_study.config").scoped_configurable_fn()
 
 
+def _stream(settings, seed: int):
+  """The numpy batches of a seed's pretraining stream, as the study reads them."""
+  return pipeline.train_dataset(
+      mixture_or_task_name=settings.mixture_or_task_name,
+      task_feature_lengths=dict(settings.task_feature_lengths),
+      global_batch_size=settings.batch_size, seed=seed, pack=settings.pack).as_numpy_iterator()
+
+
 def bare_steps_per_second(config, settings, steps: int) -> tuple[float, float]:
   """(compile seconds, steps per second) of the jitted step on one batch."""
   model = SMoEDecoder(config)
@@ -63,10 +71,7 @@ def bare_steps_per_second(config, settings, steps: int) -> tuple[float, float]:
                                layout=layout)
   step = step_lib.compile_train_step(config, mesh=mesh, state_shardings=layout.shardings,
                                      batch_sharding=partitioning.batch_sharding(mesh))
-  batch = next(pipeline.train_dataset(
-      mixture_or_task_name=settings.mixture_or_task_name,
-      task_feature_lengths=dict(settings.task_feature_lengths),
-      global_batch_size=settings.batch_size, seed=0, pack=settings.pack).as_numpy_iterator())
+  batch = next(_stream(settings, seed=0))
   batch = pipeline.to_global(batch, partitioning.batch_sharding(mesh))
   start = time.perf_counter()
   state, _ = step(state, batch, jax.random.key(1))
@@ -80,11 +85,10 @@ def bare_steps_per_second(config, settings, steps: int) -> tuple[float, float]:
 
 
 def read_seconds(settings, steps: int, seed: int) -> float:
-  """Seconds to read `steps` batches of a seed's pretraining stream (no training)."""
-  stream = pipeline.train_dataset(
-      mixture_or_task_name=settings.mixture_or_task_name,
-      task_feature_lengths=dict(settings.task_feature_lengths),
-      global_batch_size=settings.batch_size, seed=seed, pack=settings.pack).as_numpy_iterator()
+  """Seconds to read `steps` batches of a seed's pretraining stream (no training), after
+  its first batch (the pipeline's start-up)."""
+  stream = _stream(settings, seed=seed)
+  next(stream)
   start = time.perf_counter()
   for _ in range(steps):
     next(stream)

@@ -20,8 +20,9 @@ from uncurl_jax.train import checkpoints
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# The miniature study of tests/study/test_study.py (`_config`, one method), so that its
-# compiled programs come from the session's compilation cache when that module ran first.
+# The model, data and training settings of tests/study/test_study.py's miniature study
+# (`_config`, one method), so that its compiled programs come from the session's
+# compilation cache when that module ran first.
 MINI_STUDY = """
 import uncurl_jax.tasks
 run_study.config = @StudyConfig()
@@ -49,21 +50,15 @@ configs.get:
   d_ff = 32
   num_heads = 2
   max_length = 32
-pretraining/TrainSettings:
+TrainSettings:
   task_feature_lengths = {'targets': 32}
   steps = 4
   batch_size = 8
   learning_rate = 1e-2
   warmup_steps = 1
-  mixture_or_task_name = 'synthetic_lm'
-finetuning/TrainSettings:
-  task_feature_lengths = {'targets': 32}
-  steps = 4
-  batch_size = 8
-  learning_rate = 1e-2
-  warmup_steps = 1
-  router_warmup_steps = 1
-  router_warmup_learning_rate = 1e-2
+pretraining/TrainSettings.mixture_or_task_name = 'synthetic_lm'
+finetuning/TrainSettings.router_warmup_steps = 1
+finetuning/TrainSettings.router_warmup_learning_rate = 1e-2
 """
 
 

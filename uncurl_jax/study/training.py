@@ -88,8 +88,9 @@ class StageTrainer:
                      ) -> Iterator[dict]:
     """The batches of steps first, ..., last - 1 of `task`'s stream (the order
     `train.run.train` uses). Procedures of one task share the stream, read once, and
-    lazily: a batch is read when training reaches it, so the seqio pipeline (whose
-    prefetch runs in the background) reads the first model's batches while it trains."""
+    lazily: a batch is read when training reaches it, so the first step does not wait for
+    the whole stream (on 2 CPU cores reading and training still add up: the pipeline
+    alone keeps both busy, benchmarks/RESULTS.md)."""
     args = dict(self._data_args(task, settings), global_batch_size=settings.batch_size,
                 seed=seed, pack=settings.pack)
     if last * settings.batch_size * settings.length > self._max_cached_tokens:
