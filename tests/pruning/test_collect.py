@@ -74,25 +74,57 @@ def test_collect_router_logits_excludes_padding_and_stops_at_max_tokens():
       "layers_0/mlp"].shape == (first, CONFIG.num_experts)
 
 
-def test_prefix_lm_inputs_count_as_task_tokens():
-  """Prompt positions (decoder_causal_attention, loss weight 0) are routed task tokens; the
-  reference forward gets decoder_causal_attention too (it changes attention)."""
-  params, model = _init(CONFIG), SMoEDecoder(CONFIG)
+def _prefix_lm_batch():
   batch = dict(_batches(1)[0])
   causal = np.zeros((BATCH, LENGTH), np.int32)
   causal[:, :5] = 1                                     # a 5-token prompt per row
   weights = batch["decoder_loss_weights"].copy()
   weights[:, :5] = 0                                    # the prompt carries no loss
   batch.update(decoder_causal_attention=causal, decoder_loss_weights=weights)
-  logits = pruning.collect_router_logits(model, params, [batch], progress=False)
-  _, state = model.apply({"params": params}, batch["decoder_input_tokens"],
-                         batch["decoder_target_tokens"], decoder_causal_attention=causal,
-                         enable_dropout=False, mutable=["router_logits"])
-  real = (weights > 0) | (causal > 0)
-  assert real.sum() > (weights > 0).sum()
+  return batch
+
+
+def _training_forward_logits(cfg, params, batch):
+  """Router logits of the train step's own forward (`train.step.apply_model`)."""
+  from uncurl_jax.train import step
+  _, state = step.apply_model(params, SMoEDecoder(cfg).apply, batch, cfg,
+                              mutable=["router_logits"])
+  return {name: np.asarray(state["router_logits"][name.split("/")[0]]["mlp"]["logits"])
+          for name in MOE_LAYERS}
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_collected_logits_are_the_training_forwards(bidirectional):
+  """One forward everywhere: the logits collected on a batch equal those of the training
+  forward on that batch, with and without decoder_causal_attention in the batch; by
+  default (t5x's) the prefix marker does not reach the module, so both batches give the
+  same logits. Prompt positions (loss weight 0) count as routed task tokens."""
+  cfg = dataclasses.replace(CONFIG, inputs_bidirectional_attention=bidirectional)
+  params, model = _init(CONFIG), SMoEDecoder(cfg)
+  batch = _prefix_lm_batch()
+  plain = {k: v for k, v in batch.items() if k != "decoder_causal_attention"}
+  plain["decoder_loss_weights"] = ((batch["decoder_loss_weights"] > 0)
+                                   | (batch["decoder_causal_attention"] > 0)).astype(np.float32)
+  real = plain["decoder_loss_weights"] > 0
+  assert real.sum() > (batch["decoder_loss_weights"] > 0).sum()
+  with_marker = pruning.collect_router_logits(model, params, [batch], progress=False)
+  trained = _training_forward_logits(cfg, params, batch)
   for name in MOE_LAYERS:
-    full = np.asarray(state["router_logits"][name.split("/")[0]]["mlp"]["logits"])
-    np.testing.assert_allclose(logits[name], full[real], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(with_marker[name], trained[name][real], rtol=1e-6, atol=1e-6)
+  if bidirectional:
+    with pytest.raises(ValueError, match="decoder_causal_attention"):
+      pruning.collect_router_logits(model, params, [plain], progress=False)
+    # The marker changes attention, so the logits differ from the causal forward's.
+    causal = _training_forward_logits(CONFIG, params, plain)
+    assert not np.allclose(with_marker["layers_2/mlp"], causal["layers_2/mlp"][real],
+                           atol=1e-4)
+  else:
+    without_marker = pruning.collect_router_logits(model, params, [plain], progress=False)
+    stats = pruning.collect_expert_stats(model, params, [batch], progress=False)
+    for name in MOE_LAYERS:
+      np.testing.assert_array_equal(with_marker[name], without_marker[name])
+      np.testing.assert_allclose(stats[name].logits, trained[name][real], rtol=1e-5,
+                                 atol=1e-5)
 
 
 def test_collect_router_logits_errors():

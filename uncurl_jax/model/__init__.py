@@ -9,6 +9,7 @@ Example:
 from uncurl_jax.model import attention
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import inputs
 from uncurl_jax.model import moe
 from uncurl_jax.model import partitioning
 from uncurl_jax.model import router
@@ -25,6 +26,7 @@ __all__ = [
     "attention",
     "configs",
     "decoder",
+    "inputs",
     "moe",
     "param_count",
     "partitioning",

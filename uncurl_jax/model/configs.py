@@ -80,6 +80,10 @@ class ModelConfig:
       `0.02 * sqrt(1024 / d_model)` keeps the UNCURL paper model's initial logit scale
       at any width (docs/study.md: at d_model 32 the default leaves top-1 gates near
       1/E for hundreds of steps).
+    inputs_bidirectional_attention: Prefix-LM batches' inputs (`decoder_causal_attention`)
+      attend both ways in every forward pass (training, scoring, pruning statistics), as
+      t5x's `DecoderOnlyModel(inputs_bidirectional_attention=True)`; False (t5x's
+      default): fully causal everywhere (`model.inputs.module_inputs`).
   """
 
   vocab_size: int = 50257
@@ -112,6 +116,7 @@ class ModelConfig:
   layer_norm_epsilon: float = 1e-5
   init_std: float = 0.02
   router_init_std: float | None = None
+  inputs_bidirectional_attention: bool = False
 
   def __post_init__(self):
     positive = ("vocab_size", "max_length", "d_model", "d_ff", "num_heads",

@@ -19,6 +19,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.pruning import layout as layout_lib
 from uncurl_jax.pruning import validate
 
@@ -116,9 +117,18 @@ def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
                    f"padding; got keys {sorted(batch)}")
 
 
-def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
-  """The features of a batch that the model takes (t5x DecoderOnlyModel's)."""
-  return {name: batch[name] for name in _TOKEN_FEATURES if name in batch}
+def model_inputs(batch: Mapping[str, Any], model: Any = None, *,
+                 inputs_bidirectional_attention: bool | None = None) -> dict[str, Any]:
+  """The decoder call for `batch`: the one every training and scoring pass makes.
+
+  `decoder_causal_attention` reaches the module only with bidirectional inputs
+  (`inputs_bidirectional_attention`, default: `model`'s config switch, False for a module
+  without one), as t5x's DecoderOnlyModel does (`uncurl_jax.model.inputs`).
+  """
+  if inputs_bidirectional_attention is None:
+    inputs_bidirectional_attention = inputs_lib.bidirectional_inputs(model)
+  return inputs_lib.module_inputs(
+      batch, inputs_bidirectional_attention=inputs_bidirectional_attention)
 
 
 def router_logits_by_layer(collection: Mapping[str, Any]) -> dict[str, list[Any]]:
@@ -159,7 +169,9 @@ def _jitted_forward(model):
 def collect_router_logits(model: Any, params: Mapping[str, Any],
                           batches: Iterable[Mapping[str, Any]], *,
                           max_tokens: int | None = None,
-                          progress: bool = True) -> dict[str, np.ndarray]:
+                          progress: bool = True,
+                          inputs_bidirectional_attention: bool | None = None
+                          ) -> dict[str, np.ndarray]:
   """Runs `model` over task batches and returns each MoE layer's raw router logits.
 
   Streams batch by batch (one jitted forward per batch shape), keeping only the real
@@ -172,10 +184,15 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
     params: Its params.
     batches: Iterable of dicts with 'decoder_input_tokens', 'decoder_target_tokens' and
       'decoder_loss_weights' or 'decoder_segment_ids' (see `real_token_mask`);
-      'decoder_segment_ids', 'decoder_positions', 'decoder_causal_attention' are passed
-      to the model when present. numpy or jax arrays (e.g. `ds.as_numpy_iterator()`).
+      'decoder_segment_ids' and 'decoder_positions' are passed to the model when
+      present, 'decoder_causal_attention' only with bidirectional inputs (below).
+      numpy or jax arrays (e.g. `ds.as_numpy_iterator()`).
     max_tokens: Stop after this many real tokens (in batch order); None: all batches.
     progress: Show the progress bar.
+    inputs_bidirectional_attention: Whether the prefix-LM inputs attend both ways; None:
+      the model config's switch (False, t5x's default, for a module without one). The
+      logits are those of the forward the model trains and is scored with
+      (`uncurl_jax.model.inputs`).
 
   Returns:
     {MoE layer path: [tokens, E] float32 numpy array}, padding excluded.
@@ -205,7 +222,8 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
       mask = real_token_mask(batch)
       if max_tokens is not None:
         mask = first_true(mask, max_tokens - total)
-      by_layer = router_logits_by_layer(forward(params, model_inputs(batch)))
+      by_layer = router_logits_by_layer(forward(params, model_inputs(
+          batch, model, inputs_bidirectional_attention=inputs_bidirectional_attention)))
       if not by_layer:
         raise ValueError("the model sowed no 'router_logits'/'logits': its MoE layers must "
                          "sow the raw logits when that collection is mutable")

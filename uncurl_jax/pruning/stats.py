@@ -121,7 +121,9 @@ class _Accumulator:
 def collect_expert_stats(model: Any, params: Mapping[str, Any],
                          batches: Iterable[Mapping[str, Any]], *,
                          max_tokens: int | None = None,
-                         progress: bool = True) -> dict[str, ExpertStats]:
+                         progress: bool = True,
+                         inputs_bidirectional_attention: bool | None = None
+                         ) -> dict[str, ExpertStats]:
   """Runs `model` over task batches and returns each MoE layer's `ExpertStats`.
 
   One streaming pass: batch by batch, keeping the real tokens' router logits on the
@@ -135,6 +137,7 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
     batches: Task batches (see `collect_router_logits`).
     max_tokens: Stop after this many real tokens; None: all batches.
     progress: Show a progress bar of the tokens (tqdm, on stderr).
+    inputs_bidirectional_attention: As in `collect_router_logits` (None: the config's).
 
   Returns:
     {MoE layer path: ExpertStats}.
@@ -162,7 +165,8 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
       mask = collect.real_token_mask(batch)
       if max_tokens is not None:
         mask = collect.first_true(mask, max_tokens - total)
-      inputs = forward(params, collect.model_inputs(batch))
+      inputs = forward(params, collect.model_inputs(
+          batch, model, inputs_bidirectional_attention=inputs_bidirectional_attention))
       for name, weights in layers.items():
         sums = layer_sums(inputs[name], jnp.asarray(mask), weights.router_kernel,
                           _expert_weights(weights), top_k=top_k, dtype=dtype)

@@ -35,10 +35,8 @@ import numpy as np
 import seqio
 
 from uncurl_jax.data import pipeline
+from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
-
-_MODEL_INPUTS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-                 "decoder_positions")
 
 
 def mean_metrics(per_batch: Iterable[Mapping[str, Any]]) -> dict[str, float]:
@@ -87,7 +85,7 @@ def token_correct(params: Any, batch: Mapping[str, jax.Array], *,
   Example:
     >>> correct = jax.jit(functools.partial(token_correct, apply_fn=model.apply))(p, batch)
   """
-  logits = apply_fn({"params": params}, **_model_inputs(batch), enable_dropout=False)
+  logits = apply_fn({"params": params}, **_module_inputs(batch, apply_fn), enable_dropout=False)
   return (jnp.argmax(logits, -1) == batch["decoder_target_tokens"]).astype(jnp.int8)
 
 
@@ -110,8 +108,10 @@ def item_scores(correct_fn: Callable, params: Any, batches: Iterable[Mapping[str
   return np.concatenate(scores).astype(np.int8)
 
 
-def _model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  return {name: batch[name] for name in _MODEL_INPUTS if name in batch}
+def _module_inputs(batch: Mapping[str, jax.Array], apply_fn: Callable) -> dict[str, jax.Array]:
+  """The decoder call of every scoring pass: the module's own switch (`model.inputs`)."""
+  return inputs_lib.module_inputs(
+      batch, inputs_bidirectional_attention=inputs_lib.bidirectional_inputs(apply_fn))
 
 
 def target_scores(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Callable) -> jax.Array:
@@ -120,7 +120,7 @@ def target_scores(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Call
   Example:
     >>> scores = jax.jit(functools.partial(target_scores, apply_fn=model.apply))(params, batch)
   """
-  logits = apply_fn({"params": params}, **_model_inputs(batch), enable_dropout=False)
+  logits = apply_fn({"params": params}, **_module_inputs(batch, apply_fn), enable_dropout=False)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   targets = batch["decoder_target_tokens"]
   token_scores = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
@@ -143,10 +143,12 @@ def greedy_decode(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: Call
   positions = jnp.arange(length)[None, :]
   sequence = jnp.where(positions < prompt_lengths[:, None], targets, 0)
   rows = jnp.arange(batch_size)
+  prefix = ({"decoder_causal_attention": batch["decoder_causal_attention"]}
+            if inputs_lib.bidirectional_inputs(apply_fn) else {})
 
   def step(t, sequence):
     inputs = jnp.pad(sequence, ((0, 0), (1, 0)))[:, :-1]  # shift right: BOS = 0
-    logits = apply_fn({"params": params}, inputs, sequence, enable_dropout=False)
+    logits = apply_fn({"params": params}, inputs, sequence, **prefix, enable_dropout=False)
     where = jnp.minimum(prompt_lengths + t, length - 1)
     next_token = jnp.argmax(logits[rows, where], axis=-1).astype(sequence.dtype)
     in_range = prompt_lengths + t < length

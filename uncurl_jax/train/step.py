@@ -23,12 +23,11 @@ from jax.sharding import Mesh
 import optax
 
 from uncurl_jax.model import configs
+from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.train import losses
 
 TrainState = train_state.TrainState
 Batch = Mapping[str, jax.Array]
-
-_REQUIRED = ("decoder_input_tokens", "decoder_target_tokens")
 
 
 def create_state(model: nn.Module, params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -36,17 +35,27 @@ def create_state(model: nn.Module, params: Any, tx: optax.GradientTransformation
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
+def apply_model(params: Any, apply_fn, batch: Batch, config: configs.ModelConfig, *,
+                enable_dropout: bool = False, rngs: Mapping[str, jax.Array] | None = None,
+                mutable: Any = ("intermediates",)):
+  """The training and evaluation forward: `apply_fn` on `batch` as `model.inputs` builds
+  the call (config.inputs_bidirectional_attention decides whether the prefix-LM marker
+  reaches the module). Returns `(logits, mutated collections)`.
+
+  Example:
+    >>> logits, state = apply_model(params, model.apply, batch, cfg, mutable=["router_logits"])
+  """
+  module_inputs = inputs_lib.module_inputs(
+      batch, inputs_bidirectional_attention=config.inputs_bidirectional_attention)
+  return apply_fn({"params": params}, **module_inputs, enable_dropout=enable_dropout,
+                  rngs=dict(rngs or {}), mutable=list(mutable))
+
+
 def _forward_loss(params: Any, apply_fn, batch: Batch, config: configs.ModelConfig, *,
                   enable_dropout: bool, dropout_rng: jax.Array | None):
-  missing = [k for k in _REQUIRED if k not in batch]
-  if missing:
-    raise ValueError(f"batch lacks {missing}; it has {sorted(batch)}")
   rngs = {"dropout": dropout_rng} if enable_dropout else {}
-  logits, state = apply_fn(
-      {"params": params}, batch["decoder_input_tokens"], batch["decoder_target_tokens"],
-      decoder_segment_ids=batch.get("decoder_segment_ids"),
-      decoder_positions=batch.get("decoder_positions"),
-      enable_dropout=enable_dropout, rngs=rngs, mutable=["intermediates"])
+  logits, state = apply_model(params, apply_fn, batch, config, enable_dropout=enable_dropout,
+                              rngs=rngs)
   return losses.lm_loss(logits, batch["decoder_target_tokens"],
                         batch.get("decoder_loss_weights"), state.get("intermediates"),
                         aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef)
