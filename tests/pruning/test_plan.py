@@ -78,7 +78,8 @@ def _assert_trees_equal(a, b):
                                   err_msg=str(key))
 
 
-@pytest.mark.parametrize("method", pruning.METHODS)
+@pytest.mark.parametrize("method", [m for m in pruning.METHODS
+                                    if not pruning.methods.get(m).zero_outputs])
 def test_keeping_every_expert_is_the_identity(method):
   params, logits = _params(), _logits()
   for router in ("anchor", "merge"):
@@ -94,6 +95,23 @@ def test_keeping_every_expert_is_the_identity(method):
   out["layers_0"]["mlp"]["router"] = params["layers_0"]["mlp"]["router"]
   out["layers_2"]["mlp"]["router"] = params["layers_2"]["mlp"]["router"]
   _assert_trees_equal(out, params)
+
+
+def test_experts_off_zeroes_every_expert_output_and_keeps_the_rest():
+  """The floor arm: the kept experts' output projections are zero (so the MoE layers add
+  nothing), everything else is what frequency selection of the first D experts gives."""
+  params, logits = _params(), _logits()
+  out = pruning.prune_params(params, logits, 3, method="experts_off")
+  for name in LAYERS:
+    layer, source = out[name.split("/")[0]]["mlp"], params[name.split("/")[0]]["mlp"]
+    assert not np.any(np.asarray(layer["expert"]["wo"]["kernel"]))
+    np.testing.assert_array_equal(layer["expert"]["wi"]["kernel"],
+                                  np.asarray(source["expert"]["wi"]["kernel"])[:3])
+    np.testing.assert_array_equal(layer["router"]["kernel"],
+                                  np.asarray(source["router"]["kernel"])[:, :3])
+    if "bias" in layer["expert"]["wo"]:
+      assert not np.any(np.asarray(layer["expert"]["wo"]["bias"]))
+  assert out["token_embed"]["embedding"] is params["token_embed"]["embedding"]
 
 
 def _permuted_copies(noise, seed=0):

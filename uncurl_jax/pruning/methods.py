@@ -213,6 +213,9 @@ class Method:
     description: One line for documentation and error messages.
     uneven_counts: May keep a different number of experts in each layer (the total is
       what was asked), so its pruned models have shapes of their own.
+    zero_outputs: A floor, not a pruning method: the kept experts' output projections
+      are zeroed, so every MoE layer adds nothing to the residual stream (what a pruned
+      model that keeps none of its experts' knowledge would score).
   """
 
   name: str
@@ -224,6 +227,7 @@ class Method:
   default_router: str = "reinit"
   description: str = ""
   uneven_counts: bool = False
+  zero_outputs: bool = False
 
 
 def per_layer(fn: Callable[[MethodInputs, str], Grouping]
@@ -327,6 +331,14 @@ register(Method(
     description="HC-SMoE: hierarchical clustering on expert outputs, frequency merge",
     group=per_layer(lambda i, name: hc_smoe_grouping(
         i.stats[name].mean_output, i.frequencies[name], i.targets[name]))))
+
+register(Method(
+    "experts_off", merges=False, needs_logits=False, default_router="anchor",
+    zero_outputs=True,
+    description="the floor: every MoE layer's output zeroed (the D most selected experts "
+                "kept as shapes only)",
+    group=per_layer(lambda i, name: selection_grouping(
+        np.arange(i.targets[name]), i.layers[name].num_experts))))
 
 # The built-in methods (the registry may hold more).
 METHODS = names()

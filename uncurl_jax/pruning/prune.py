@@ -219,6 +219,10 @@ def _pruned_layer(weights: layout_lib.MoeLayerWeights, layer_plan: LayerPlan,
     new["gate_bias"] = merge_lib.merge_experts(weights.gate_bias, merge, permutations, 1)
   if weights.wo_bias is not None:
     new["wo_bias"] = merge_lib.merge_experts(weights.wo_bias, merge)
+  if methods_lib.get(plan.method).zero_outputs:  # a floor: the experts compute nothing
+    for field_name in ("wo_kernel", "wo_bias"):
+      if field_name in new:
+        new[field_name] = new[field_name] * 0
   key = jax.random.fold_in(jax.random.key(plan.seed), methods_lib.layer_seed(name))
   kernel, bias = merge_lib.reindex_router(
       weights.router_kernel, weights.router_bias, mode=plan.router, merge=merge,
