@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.model.test_router import numpy_routing
+from tests.model.test_router import (BOUND_MAP, SLICED_COLUMNS, numpy_bound_routing,
+                                     numpy_losses, numpy_routing)
 from uncurl_jax.model import configs, moe, router
 
 BATCH, LENGTH = 2, 16
@@ -213,3 +214,64 @@ def test_bad_inputs_raise():
   routing = router.route_tokens(jnp.zeros((1, 4, 8)), top_k=1, capacity=4)
   with pytest.raises(ValueError, match="dispatch mode"):
     moe.dispatch_tokens(jnp.zeros((1, 4, 16)), routing, capacity=4, mode="sort")
+
+
+def bound_config(top_k, **overrides):
+  """Eight router columns bound to three experts (`BOUND_MAP`, five dead columns)."""
+  return dataclasses.replace(make_config(top_k, "drop", **overrides), num_experts=3,
+                             router_map=BOUND_MAP)
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_bound_router_losses_and_usage(top_k, dispatch):
+  config = bound_config(top_k, dispatch=dispatch)
+  params, x = random_params(config), random_input(config)
+  assert params["router"]["kernel"].shape == (16, 8)
+  _, state = jax.jit(lambda p, x: apply_layer(config, p, x))(params, x)
+  inter = {k: v[0] for k, v in state["intermediates"].items()}
+  capacity = config.capacity(LENGTH, train=False)
+  logits = np.asarray(x, np.float64) @ np.asarray(params["router"]["kernel"], np.float64)
+  _, columns, _, gate, _, kept = numpy_bound_routing(logits, top_k, capacity, BOUND_MAP)
+  assert 0 < kept.sum() < kept.size
+  # Losses over the bound columns only; usage over the 3 experts' slots, not 8 columns'.
+  want_lb, want_z = numpy_losses(logits, columns, BOUND_MAP)
+  np.testing.assert_allclose(inter["auxiliary_loss"], want_lb, rtol=1e-5)
+  np.testing.assert_allclose(inter["router_z_loss"], want_z, rtol=1e-5)
+  np.testing.assert_allclose(inter["expert_usage"], kept.sum() / (BATCH * 3 * capacity),
+                             rtol=1e-6)
+  np.testing.assert_allclose(inter["fraction_tokens_left_behind"], 1 - kept.any(-1).mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(inter["router_confidence"],
+                             np.where(kept, gate, 0).sum() / kept.sum(), rtol=1e-5)
+
+  # The router sliced to its bound columns (expert e's column at e) routes the same tokens
+  # to the same experts and has the same losses; only the gates (E-way vs 3-way softmax)
+  # differ.
+  sliced_config = dataclasses.replace(config, router_map=None)
+  sliced = {**params, "router": {"kernel": params["router"]["kernel"][:, SLICED_COLUMNS]}}
+  _, sliced_state = apply_layer(sliced_config, sliced, x)
+  sliced_inter = {k: v[0] for k, v in sliced_state["intermediates"].items()}
+  for name in ("auxiliary_loss", "router_z_loss", "expert_usage",
+               "fraction_tokens_left_behind"):
+    np.testing.assert_allclose(inter[name], sliced_inter[name], rtol=1e-5, err_msg=name)
+  assert inter["router_confidence"] < 0.9 * sliced_inter["router_confidence"]
+
+
+def test_bound_router_losses_do_not_train_dead_columns():
+  config = bound_config(2)
+  params, x = random_params(config), random_input(config)
+
+  def router_losses(params):
+    _, state = apply_layer(config, params, x)
+    inter = state["intermediates"]
+    return inter["auxiliary_loss"][0] + inter["router_z_loss"][0]
+
+  grad = np.asarray(jax.jit(jax.grad(router_losses))(params)["router"]["kernel"])
+  dead = [c for c, e in enumerate(BOUND_MAP) if e < 0]
+  bound = [c for c, e in enumerate(BOUND_MAP) if e >= 0]
+  np.testing.assert_array_equal(grad[:, dead], 0.0)
+  assert np.all(np.abs(grad[:, bound]).max(0) > 1e-3)
+  # The task loss still reaches them: the gate is the E-way softmax probability.
+  (_, _), grads = loss_and_grads(config, params, x)
+  assert np.all(np.abs(np.asarray(grads[0]["router"]["kernel"])[:, dead]).max(0) > 0)

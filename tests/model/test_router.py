@@ -157,3 +157,198 @@ def test_route_tokens_rejects_bad_arguments():
     router.route_tokens(jnp.zeros((1, 4, 2)), top_k=1, capacity=0)
   with pytest.raises(ValueError, match=r"\[groups, tokens, experts\]"):
     router.route_tokens(jnp.zeros((4, 2)), top_k=1, capacity=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Bound routers (`expert_map`): losses over the bound columns only, diagnostics per expert.
+
+# Eight columns bound to three distinct experts; columns 1, 3, 4, 6 and 7 are dead.
+BOUND_MAP = (2, -1, 0, -1, -1, 1, -1, -1)
+BOUND_COLUMNS = [0, 2, 5]
+# The same router sliced to its bound columns, column e holding expert e's column.
+SLICED_COLUMNS = [2, 5, 0]
+
+
+def old_load_balancing_loss(probs, expert_index):
+  """The loss as it was before bound routers had their own (kept to check bit-identity)."""
+  num_experts = probs.shape[-1]
+  chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
+  token_share = jnp.mean(chosen, axis=-2)
+  prob_share = jnp.mean(probs.astype(jnp.float32), axis=-2)
+  return jnp.mean(num_experts * jnp.sum(token_share * prob_share, axis=-1))
+
+
+def old_router_z_loss(logits):
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def numpy_bound_routing(logits, top_k, capacity, expert_map):
+  """Loop reference of bound routing: (probs, columns, experts, gate, position, kept)."""
+  logits = np.asarray(logits, np.float64)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expert_map = np.asarray(expert_map)
+  masked = np.where(expert_map >= 0, probs, -1.0)
+  columns = np.argsort(-masked, axis=-1, kind="stable")[..., :top_k]
+  experts = expert_map[columns]
+  groups, tokens, _ = logits.shape
+  position = np.zeros((groups, tokens, top_k), np.int64)
+  for g in range(groups):
+    filled = np.zeros(expert_map.max() + 1, np.int64)  # capacity is counted per expert
+    for choice in range(top_k):
+      for s in range(tokens):
+        position[g, s, choice] = filled[experts[g, s, choice]]
+        filled[experts[g, s, choice]] += 1
+  gate = np.take_along_axis(probs, columns, axis=-1)
+  return probs, columns, experts, gate, position, position < capacity
+
+
+def numpy_losses(logits, columns, expert_map=None):
+  """(load-balancing loss, z loss) over the bound columns B (all columns without a map).
+
+  LB: |B| * sum_{c in B} f_c * P_c per group, P from the softmax over B's logits.
+  """
+  logits = np.asarray(logits, np.float64)
+  bound = np.ones(logits.shape[-1], bool) if expert_map is None else np.asarray(expert_map) >= 0
+  shifted = np.where(bound, logits - logits.max(-1, keepdims=True), -np.inf)
+  log_z = np.log(np.exp(shifted).sum(-1)) + logits.max(-1)
+  probs = np.exp(np.where(bound, logits, -np.inf) - log_z[..., None])
+  chosen = np.zeros_like(probs)
+  np.put_along_axis(chosen, np.asarray(columns), 1.0, axis=-1)
+  token_share, prob_share = chosen.mean(1), probs.mean(1)
+  assert np.all(token_share[:, ~bound] == 0)
+  lb = np.mean(bound.sum() * np.sum(token_share * prob_share, -1))
+  return lb, np.mean(log_z ** 2)
+
+
+def bound_losses(logits, top_k, expert_map):
+  """The losses as `moe_forward` computes them for a (possibly bound) router."""
+  routing = router.route_tokens(logits, top_k=top_k, capacity=4, expert_map=expert_map)
+  probs = router.bound_softmax(logits, expert_map)
+  return (router.load_balancing_loss(probs, routing.column_index, expert_map),
+          router.router_z_loss(logits, expert_map))
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_unbound_losses_are_bit_identical_to_the_old_formulas(top_k):
+  logits = jnp.asarray(np.random.default_rng(3).normal(size=(3, 16, 8)), jnp.float32)
+  routing = router.route_tokens(logits, top_k=top_k, capacity=4)
+  assert routing.probs.dtype == jnp.float32
+  new_lb = jax.jit(router.load_balancing_loss)(routing.probs, routing.expert_index)
+  new_z = jax.jit(router.router_z_loss)(logits)
+  np.testing.assert_array_equal(
+      new_lb, jax.jit(old_load_balancing_loss)(routing.probs, routing.expert_index))
+  np.testing.assert_array_equal(new_z, jax.jit(old_router_z_loss)(logits))
+  # bound_softmax without a map is the routing's own softmax, bit for bit.
+  np.testing.assert_array_equal(router.bound_softmax(logits), routing.probs)
+  # And the old formulas are Switch's and ST-MoE's (numpy, float64).
+  want_lb, want_z = numpy_losses(logits, routing.expert_index)
+  np.testing.assert_allclose(new_lb, want_lb, rtol=1e-5)
+  np.testing.assert_allclose(new_z, want_z, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_bound_losses_count_only_bound_columns(top_k):
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)
+  routing = router.route_tokens(logits, top_k=top_k, capacity=4, expert_map=BOUND_MAP)
+  lb, z = jax.jit(bound_losses, static_argnums=(1, 2))(logits, top_k, BOUND_MAP)
+  want_lb, want_z = numpy_losses(logits, routing.column_index, BOUND_MAP)
+  np.testing.assert_allclose(lb, want_lb, rtol=1e-5)
+  np.testing.assert_allclose(z, want_z, rtol=1e-5)
+  # Over all eight columns (the former behaviour) both are different numbers.
+  all_lb, all_z = numpy_losses(logits, routing.column_index)
+  assert abs(all_lb - want_lb) > 0.01 and abs(all_z - want_z) > 0.1
+  # The full softmax (routing.probs) is renormalised over the bound columns: same loss.
+  np.testing.assert_allclose(
+      router.load_balancing_loss(routing.probs, routing.column_index, BOUND_MAP), lb,
+      rtol=1e-6)
+  # A router holding only the bound columns (map: a permutation onto distinct experts)
+  # has the same losses without any map, and routes to the same experts.
+  sliced = logits[..., SLICED_COLUMNS]
+  sliced_routing = router.route_tokens(sliced, top_k=top_k, capacity=4)
+  np.testing.assert_array_equal(sliced_routing.expert_index, routing.expert_index)
+  sliced_lb, sliced_z = bound_losses(sliced, top_k, None)
+  np.testing.assert_allclose(lb, sliced_lb, rtol=1e-6)
+  np.testing.assert_allclose(z, sliced_z, rtol=1e-6)
+
+
+def test_bound_losses_hand_values_and_dead_logits():
+  # Map (0, -1, 1): logits [ln 3, x, 0] give bound probabilities [0.75, 0, 0.25] whatever
+  # the dead column's logit x. Both tokens choose column 0: LB = 2 * (1 * 0.75) = 1.5,
+  # z = logsumexp([ln 3, 0])^2 = ln(4)^2.
+  expert_map = (0, -1, 1)
+  for dead in (-5.0, 0.0, 7.0):
+    logits = jnp.array([[[LN3, dead, 0.], [LN3, dead, 0.]]])
+    np.testing.assert_allclose(router.bound_softmax(logits, expert_map)[0, 0],
+                               [0.75, 0.0, 0.25], rtol=1e-6)
+    lb, z = bound_losses(logits, 1, expert_map)
+    np.testing.assert_allclose(lb, 1.5, rtol=1e-6)
+    np.testing.assert_allclose(z, np.log(4) ** 2, rtol=1e-6)
+  # A router uniform over its bound columns scores k, as the unbound loss does.
+  for top_k in (1, 2):
+    lb, z = bound_losses(jnp.zeros((2, 6, 8)), top_k, BOUND_MAP)
+    np.testing.assert_allclose(lb, top_k, rtol=1e-6)
+    np.testing.assert_allclose(z, np.log(3) ** 2, rtol=1e-6)
+
+
+def test_bound_losses_leave_dead_columns_without_gradient():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 16, 6)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+
+  def losses(kernel):
+    lb, z = bound_losses(router.router_logits(x, kernel), 2, BOUND_MAP)
+    return lb + z
+
+  grad = np.asarray(jax.jit(jax.grad(losses))(kernel))
+  dead = [c for c, e in enumerate(BOUND_MAP) if e < 0]
+  np.testing.assert_array_equal(grad[:, dead], 0.0)
+  assert np.all(np.abs(grad[:, BOUND_COLUMNS]).max(0) > 1e-3)
+
+
+def test_routing_diagnostics_of_bound_router_count_experts():
+  # Map (0, -1, 0, 1): columns 0 and 2 share expert 0, column 1 is dead. R = 4 columns,
+  # E = 2 experts. Four tokens choose columns 0, 2, 0, 3 -> experts 0, 0, 0, 1; with
+  # capacity 2 per expert the third token to expert 0 is dropped (per column nothing
+  # would be). Usage: 3 dispatched / (1 group * 2 experts * 2 slots) = 0.75 (with the
+  # 4 columns as experts it would read 3/8; with column capacity, 4/4 or 4/8).
+  expert_map = (0, -1, 0, 1)
+  logits = jnp.array([[[2., 9., 0., 0.], [0., 9., 2., 0.], [2., 9., 0., 0.],
+                       [0., 9., 0., 2.]]])
+  routing = router.route_tokens(logits, top_k=1, capacity=2, expert_map=expert_map)
+  np.testing.assert_array_equal(routing.column_index[0, :, 0], [0, 2, 0, 3])
+  np.testing.assert_array_equal(routing.expert_index[0, :, 0], [0, 0, 0, 1])
+  np.testing.assert_array_equal(routing.kept[0, :, 0], [True, True, False, True])
+  stats = router.routing_diagnostics(routing, 2, num_experts=2)
+  np.testing.assert_allclose(stats["expert_usage"], 3 / 4)
+  np.testing.assert_allclose(stats["fraction_tokens_left_behind"], 1 / 4)
+  # Gates are the full 4-way probabilities (the dead column's logit 9 makes them small).
+  p = np.exp(2.) / (np.exp(2.) + np.exp(9.) + 2.)
+  np.testing.assert_allclose(stats["router_confidence"], p, rtol=1e-5)
+  np.testing.assert_allclose(stats["routed_probability"], 3 * p / 4, rtol=1e-5)
+  # The default counts one expert per column, which is only right for unbound routers.
+  np.testing.assert_allclose(router.routing_diagnostics(routing, 2)["expert_usage"], 3 / 8)
+  # Against the loop reference on random logits, top-2 (two choices may share an expert).
+  logits = np.random.default_rng(6).normal(size=(3, 16, 8)).astype(np.float32)
+  routing = router.route_tokens(jnp.asarray(logits), top_k=2, capacity=3,
+                                expert_map=BOUND_MAP)
+  _, columns, experts, gate, position, kept = numpy_bound_routing(logits, 2, 3, BOUND_MAP)
+  np.testing.assert_array_equal(routing.column_index, columns)
+  np.testing.assert_array_equal(routing.expert_index, experts)
+  np.testing.assert_array_equal(routing.kept, kept)
+  assert 0 < kept.sum() < kept.size
+  stats = router.routing_diagnostics(routing, 3, num_experts=3)
+  np.testing.assert_allclose(stats["expert_usage"], kept.sum() / (3 * 3 * 3), rtol=1e-6)
+  np.testing.assert_allclose(stats["fraction_tokens_left_behind"], 1 - kept.any(-1).mean(),
+                             rtol=1e-6)
+  np.testing.assert_allclose(stats["router_confidence"],
+                             np.where(kept, gate, 0).sum() / kept.sum(), rtol=1e-5)
+
+
+def test_bound_losses_reject_bad_maps():
+  with pytest.raises(ValueError, match="3 entries for 4 router columns"):
+    router.router_z_loss(jnp.zeros((1, 2, 4)), (0, 1, -1))
+  with pytest.raises(ValueError, match="binds no column"):
+    router.load_balancing_loss(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 1), jnp.int32),
+                               (-1, -1, -1))

@@ -215,9 +215,14 @@ def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, 
     outputs = jax.lax.all_to_all(outputs, expert_axis, 1, 0, tiled=True)
   y = combine_outputs(outputs, routing, capacity=capacity, mode=config.dispatch)
 
+  # A bound router's losses count only its bound columns (router.load_balancing_loss).
+  bound_map = config.router_map
+  balanced_probs = routing.probs if bound_map is None else router.bound_softmax(logits, bound_map)
   stats = {
-      "auxiliary_loss": router.load_balancing_loss(routing.probs, routing.column_index),
-      "router_z_loss": router.router_z_loss(logits),
+      "auxiliary_loss": router.load_balancing_loss(balanced_probs, routing.column_index,
+                                                   bound_map),
+      "router_z_loss": router.router_z_loss(logits, bound_map),
+      # Slots exist per expert: usage divides by E experts, not by the router's columns.
       **router.routing_diagnostics(routing, capacity, config.num_experts),
   }
   return y.reshape(x.shape), logits.reshape(*x.shape[:2], -1), stats

@@ -30,8 +30,9 @@ class Routing(NamedTuple):
       the end) for dropped choices, so an out-of-bounds scatter drops them.
     gate: Softmax probability of the chosen expert (float32, not renormalized).
     kept: Whether the choice fits within capacity.
-    probs: Full router probabilities `[G, S, R]` (float32) over the router's R columns,
-      for the auxiliary loss (R = E unless columns are bound to experts).
+    probs: Full router probabilities `[G, S, R]` (float32) over the router's R columns
+      (R = E unless columns are bound to experts), the auxiliary loss's input when no
+      column is bound (a bound router's loss uses `bound_softmax` instead).
     column_index: Chosen router column of each choice (= `expert_index` unless bound).
   """
 
@@ -158,27 +159,87 @@ def dispatch_and_combine_masks(routing: Routing, capacity: int, num_experts: int
   return dispatch, combine
 
 
-def load_balancing_loss(probs: jax.Array, expert_index: jax.Array) -> jax.Array:
+def _bound_columns(expert_map: tuple[int, ...], columns: int) -> jax.Array:
+  """`[R]` bool mask of the columns bound to an expert (`expert_map[c] >= 0`)."""
+  if len(expert_map) != columns:
+    raise ValueError(f"expert_map has {len(expert_map)} entries for {columns} router columns")
+  if not any(c >= 0 for c in expert_map):
+    raise ValueError(f"expert_map binds no column to an expert: {expert_map}")
+  return jnp.asarray(expert_map, jnp.int32) >= 0
+
+
+def bound_softmax(logits: jax.Array, expert_map: tuple[int, ...] | None = None) -> jax.Array:
+  """Router probabilities over the bound columns only (softmax of their logits), float32.
+
+  Unbound columns (`expert_map[c] == -1`) get probability 0 and no gradient; without a
+  map this is the plain softmax over all columns (what `route_tokens` puts in `probs`).
+
+  Example: logits `[ln 3, 5, 0]` with map `(0, -1, 1)` give `[0.75, 0, 0.25]`.
+  """
+  logits = logits.astype(jnp.float32)
+  if expert_map is None:
+    return jax.nn.softmax(logits, axis=-1)
+  bound = _bound_columns(expert_map, logits.shape[-1])
+  return jax.nn.softmax(jnp.where(bound, logits, -jnp.inf), axis=-1)
+
+
+def load_balancing_loss(probs: jax.Array, expert_index: jax.Array,
+                        expert_map: tuple[int, ...] | None = None) -> jax.Array:
   """Switch auxiliary loss `E * sum_e f_e * P_e` per group, averaged over groups.
 
   f_e is the share of tokens whose top-k choices include e (before capacity), P_e the
   mean router probability of e. A uniform router scores k (1.0 for top-1).
 
-  Example: `load_balancing_loss(routing.probs, routing.expert_index)`.
+  A bound router (`expert_map`, see `route_tokens`) is balanced over its bound columns
+  B = {c : expert_map[c] >= 0} only: `|B| * sum_{c in B} f_c * P_c`, f_c the share of
+  tokens choosing column c, P_c the mean of the probability renormalised over B (the
+  softmax of the bound columns' logits, `bound_softmax`). It is the loss of a router
+  holding only the columns of B, so a router uniform over B scores k, and an unbound
+  column (never chosen, f_c = 0) can no longer lower the loss by taking probability from
+  the kept experts' gates. Columns bound to one expert count separately (the loss
+  balances columns, as the router was trained to, not experts).
+
+  Example: `load_balancing_loss(routing.probs, routing.expert_index)`; bound:
+  `load_balancing_loss(bound_softmax(logits, m), routing.column_index, m)`.
+
+  Args:
+    probs: `[G, S, R]` router probabilities. With `expert_map` they are renormalised over
+      B, so `routing.probs` gives the same value up to rounding; prefer
+      `bound_softmax(logits, expert_map)`, whose unbound columns get exactly zero
+      gradient and which cannot give 0/0 when all of B's full-softmax mass underflows.
+    expert_index: `[G, S, k]` chosen columns (`routing.column_index` when bound).
+    expert_map: The router's column bindings (-1: unbound); None: every column counts.
   """
   num_experts = probs.shape[-1]
   chosen = jnp.max(jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32), axis=-2)
   token_share = jnp.mean(chosen, axis=-2)  # [G, E]
-  prob_share = jnp.mean(probs.astype(jnp.float32), axis=-2)  # [G, E]
-  return jnp.mean(num_experts * jnp.sum(token_share * prob_share, axis=-1))
+  if expert_map is None:
+    prob_share = jnp.mean(probs.astype(jnp.float32), axis=-2)  # [G, E]
+    return jnp.mean(num_experts * jnp.sum(token_share * prob_share, axis=-1))
+  bound = _bound_columns(expert_map, num_experts)
+  bound_probs = jnp.where(bound, probs.astype(jnp.float32), 0.0)
+  bound_probs = bound_probs / jnp.sum(bound_probs, axis=-1, keepdims=True)
+  prob_share = jnp.mean(bound_probs, axis=-2)  # [G, R], zero off B
+  token_share = jnp.where(bound, token_share, 0.0)
+  num_bound = sum(c >= 0 for c in expert_map)
+  return jnp.mean(num_bound * jnp.sum(token_share * prob_share, axis=-1))
 
 
-def router_z_loss(logits: jax.Array) -> jax.Array:
+def router_z_loss(logits: jax.Array, expert_map: tuple[int, ...] | None = None) -> jax.Array:
   """Mean over tokens of `logsumexp(logits)^2` (ST-MoE), which keeps logits small.
 
-  Example: zero logits over E experts give `log(E)**2`.
+  With `expert_map` the logsumexp runs over the bound columns only (those with
+  `expert_map[c] >= 0`): unbound columns are never chosen, so their logits are left
+  alone (zero gradient) and do not count towards the normaliser.
+
+  Example: zero logits over E experts give `log(E)**2`; with map `(0, -1, 1, -1)` they
+  give `log(2)**2`.
   """
-  log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+  logits = logits.astype(jnp.float32)
+  if expert_map is not None:
+    bound = _bound_columns(expert_map, logits.shape[-1])
+    logits = jnp.where(bound, logits, -jnp.inf)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
   return jnp.mean(jnp.square(log_z))
 
 
@@ -189,7 +250,15 @@ def routing_diagnostics(routing: Routing, capacity: int,
   The first three are defined as flaxformer's MoE layer defines them, so a t5x user's
   dashboards mean the same here.
 
-  Example: `routing_diagnostics(routing, capacity)['expert_usage']`.
+  Example: `routing_diagnostics(routing, capacity)['expert_usage']`; for a bound router
+  pass the experts: `routing_diagnostics(routing, capacity, config.num_experts)`.
+
+  Args:
+    routing: The routing. Its `kept` counts capacity per expert (`expert_index`), so two
+      columns bound to one expert share that expert's slots.
+    capacity: Slots per expert and group.
+    num_experts: E, the number of experts, whose slots `expert_usage` divides by
+      (default: one per router column, which is wrong for a bound router: R > E).
 
   Returns:
     fraction_tokens_left_behind: share of tokens dispatched to no expert at all.
