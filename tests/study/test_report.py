@@ -130,21 +130,37 @@ def test_standard_error_and_paired_differences_against_numpy():
   difference = statistics.paired_difference(rows, "32->8 frequency", "+8e", task="rte")
   np.testing.assert_allclose(difference.mean, np.mean([-1.0, -2.0, -3.0]))
   np.testing.assert_allclose(difference.se, 1.0 / np.sqrt(3))
-  assert difference.called == "-"          # 2 / 0.577 > 2
+  # t = 2 / 0.577 = 3.46 < t(0.975, 2) = 4.30: the 95% interval -2 ± 2.48 includes 0.
+  np.testing.assert_allclose(difference.half_width(), 4.302653 / np.sqrt(3), rtol=1e-6)
+  assert difference.called == "" and difference.text() == "-2.00 ± 2.48 (95% CI, seeds 3)"
+  rows = _seeds(_rows(), [{"+8e": 1.0}, {"+8e": 2.0}, {"+8e": 1.0}, {"+8e": 2.0}])
+  difference = statistics.paired_difference(rows, "32->8 frequency", "+8e", task="rte")
+  assert difference.n == 5 and difference.called == "-"  # -2.2 ± 1.04 with 5 seeds
   assert statistics.paired_difference(rows, "32->8 frequency", "+64e", task="rte") is None
 
 
 def test_findings_say_holds_does_not_hold_or_cannot_tell():
   rows = _seeds(_rows(), [{"+32e": 0.5, "32->8 uncurl (reinit)": 0.3},
                           {"+32e": -0.4, "32->8 uncurl (reinit)": 0.1}])
-  verdicts = [f.verdict for f in statistics.findings(rows, pairs=[(32, 8)])
-              if f.claim.startswith("[rte]")]
+  found = statistics.findings(rows, pairs=[(32, 8)])
+  rte = [f for f in found if f.claim.startswith("[rte, after finetuning]")]
   # more experts help (66 vs 62, steady); UNCURL keeps the benefit (63.5 vs 62); it beats
-  # frequency (61.0; frequency_merge is absent); the threshold needs a sweep.
-  assert verdicts == ["holds", "holds", "holds", "cannot tell"]
-  copa = [f for f in statistics.findings(rows, pairs=[(32, 8)]) if f.claim.startswith("[copa]")]
+  # frequency (61.0; frequency_merge is absent) -- for the paper's variant (reinit) and the
+  # best (also reinit, the only one); the threshold needs a sweep.
+  assert [f.verdict for f in rte] == ["holds"] * 5 + ["cannot tell"]
+  assert [f.variant for f in rte] == ["", "paper", "paper", "best", "best", ""]
+  copa = [f for f in found if f.task == "copa" and f.phase == "finetuned"]
   assert copa[1].verdict == "does not hold"                         # 57 vs 58, steady
-  assert "32->8 uncurl (reinit) - +8e: -0.87 ± 0.09 (seeds 3)" in copa[1].evidence
+  # -1, -0.7, -0.9: SE 0.088, t(0.975, 2) = 4.303 -> half-width 0.38.
+  assert copa[1].evidence.startswith("one comparison, no correction: 32->8 uncurl (reinit) "
+                                     "- +8e: -0.87 ± 0.38 (95% CI, seeds 3), p = 0.01")
+  # +32e - +8e on copa: +1.03 ± 1.12, called at 2 SE (SE 0.26) but not by the t interval.
+  assert copa[0].verdict == "cannot tell"
+  # One-shot: references have no score before finetuning here; frequency is 2.5 below.
+  one_shot = [f for f in found if f.task == "rte" and f.phase == "one_shot"]
+  assert [f.verdict for f in one_shot] == ["cannot tell", "cannot tell", "holds",
+                                           "cannot tell", "holds", "cannot tell"]
+  assert all(f.claim.startswith("[rte, one-shot]") for f in one_shot)
 
 
 def test_result_row_validation():
@@ -185,3 +201,18 @@ def test_plots_are_written(tmp_path):
                            tmp_path / "usage.png", labels={"layers_0/mlp": labels})
   for name in ("scores.png", "factor.png", "similarity.png", "usage.png"):
     _assert_png(tmp_path / name)
+
+
+def test_differences_table_gives_95_percent_intervals_and_finds_frequency_by_method():
+  rows = _seeds(_rows(), [{"+8e": 0.2}, {"+8e": 0.1}])
+  rows += [dataclasses.replace(r, router="bind", score=r.score + 2.0)
+           for r in rows if r.method == "frequency"]
+  lines = report.differences_table(rows).splitlines()
+  assert lines[0] == "| task | model | - same size from scratch | - source | - frequency |"
+  # rte: 63.5 against 62.0, 62.2, 62.1: -> +1.40 ± 4.303 * 0.058 = 0.25, called.
+  assert lines[2] == ("| rte | 32->8 uncurl (reinit) | +1.40 ± 0.25 (95% CI, seeds 3)+ | "
+                      "-2.50 ± 0.00 (95% CI, seeds 3)- | +2.50 ± 0.00 (95% CI, seeds 3)+ |")
+  # The plain frequency row has no frequency column; its bind variant is against it.
+  assert lines[3].endswith("| -5.00 ± 0.00 (95% CI, seeds 3)- |  |")
+  assert lines[5] == ("| rte | 32->8 frequency (bind) | +0.90 ± 0.25 (95% CI, seeds 3)+ | "
+                      "-3.00 ± 0.00 (95% CI, seeds 3)- | +2.00 ± 0.00 (95% CI, seeds 3)+ |")
