@@ -6,7 +6,9 @@ pass-through vocabulary, no text):
 - `<name>_pretrain`: every fact of the world ("train"; "validation" holds the same facts,
   for monitoring memorization);
 - `<name>_task`: the target task: "train" = the finetuning facts of the task's topics,
-  "validation" = their held-out facts (the scored items).
+  "validation" = their held-out facts (the scored items);
+- `<name>_task_dev` (worlds with a development split): the same "train", and as
+  "validation" the development facts, on which settings are chosen (never scored).
 
 A fact is a prefix-LM example (inputs: the prompt tokens; targets: the value), so the
 loss and token accuracy count the value only; with packing, each fact is its own segment.
@@ -32,11 +34,13 @@ from uncurl_jax.tasks import vocab
 
 # The study's default world (docs/study.md, "design search"): 32 topics x 360 subjects,
 # typed answers (16 value tokens per topic), the task = topics 0-7, finetuned on 10% of
-# their subjects and scored on the other 90%: 2,592 held-out items; vocabulary 912.
+# their subjects, with 24 subjects per topic (192 facts) set aside as a development split,
+# and scored on the other 300 per topic: 2,400 held-out items; vocabulary 912.
 DEFAULT_WORLD = facts.FactWorld(num_values=16, typed_answers=True, subjects_per_topic=360,
-                                finetune_fraction=0.1)
-_SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune"},
-           "validation": {"pretrain": "pretrain", "task": "task_eval"}}
+                                finetune_fraction=0.1, dev_fraction=24 / 360)
+_SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune",
+                     "task_dev": "task_finetune"},
+           "validation": {"pretrain": "pretrain", "task": "task_eval", "task_dev": "task_dev"}}
 
 
 def fact_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
@@ -64,7 +68,8 @@ def _features(world: facts.FactWorld) -> dict[str, seqio.Feature]:
 
 
 def register_world(name: str, world: facts.FactWorld) -> list[str]:
-  """Registers `<name>_pretrain` and `<name>_task` over `world`; returns their names.
+  """Registers `<name>_pretrain`, `<name>_task` and, if the world has a development split,
+  `<name>_task_dev` over `world`; returns their names.
 
   Example:
     >>> register_world("facts_small", facts.FactWorld(num_topics=4, subjects_per_topic=8,
@@ -72,7 +77,8 @@ def register_world(name: str, world: facts.FactWorld) -> list[str]:
     ['facts_small_pretrain', 'facts_small_task']
   """
   names = []
-  for part in ("pretrain", "task"):
+  parts = ("pretrain", "task") + (("task_dev",) if world.dev_fraction > 0 else ())
+  for part in parts:
     sizes = {split: world.num_facts if part == "pretrain" else len(world.facts(mapping[part]))
              for split, mapping in _SPLITS.items()}
     source = seqio.FunctionDataSource(
@@ -85,5 +91,5 @@ def register_world(name: str, world: facts.FactWorld) -> list[str]:
 
 
 def register() -> list[str]:
-  """Registers the default world as `facts_pretrain` / `facts_task`."""
+  """Registers the default world as `facts_pretrain` / `facts_task` / `facts_task_dev`."""
   return register_world("facts", DEFAULT_WORLD)

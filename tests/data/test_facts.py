@@ -29,6 +29,31 @@ def test_facts_values_and_splits():
   assert not np.array_equal(other.values[:, :10], WORLD.values[:, :10])
 
 
+def test_a_development_split_is_set_aside_from_the_held_out_subjects():
+  """`dev_fraction` takes subjects from the held-out ones (after the finetuning cut, so the
+  finetuning facts stay the same); the three task splits are disjoint and cover the task;
+  the seqio task `<name>_task_dev` trains like the task and validates on the dev facts."""
+  fields = {f: getattr(WORLD, f) for f in WORLD.__dataclass_fields__}
+  world = facts.FactWorld(**{**fields, "dev_fraction": 0.25})
+  pairs = lambda a: {tuple(p) for p in a}
+  finetune, dev, held_out = (world.facts(s) for s in ("task_finetune", "task_dev", "task_eval"))
+  np.testing.assert_array_equal(finetune, WORLD.facts("task_finetune"))
+  assert len(dev) == 2 * 5 and len(held_out) == world.num_task_items == 2 * 10
+  assert not pairs(dev) & pairs(held_out) and not pairs(dev) & pairs(finetune)
+  assert pairs(dev) | pairs(held_out) == pairs(WORLD.facts("task_eval"))
+  assert set(dev[:, 0]) == {1, 4}
+  names = fact_tasks.register_world("facts_dev_test", world)
+  assert names == ["facts_dev_test_pretrain", "facts_dev_test_task", "facts_dev_test_task_dev"]
+  task = seqio.get_mixture_or_task("facts_dev_test_task_dev")
+  assert task.num_input_examples("validation") == len(dev)
+  assert task.num_input_examples("train") == len(finetune)
+  targets = [int(x["targets"][0]) for x in task.get_dataset(
+      None, split="validation", shuffle=False).as_numpy_iterator()]
+  assert targets == world.examples("task_dev")["targets"][:, 0].tolist()
+  with pytest.raises(ValueError, match="dev_fraction"):
+    facts.FactWorld(**{**fields, "dev_fraction": 0.75})
+
+
 def test_token_ids_of_a_fact():
   examples = WORLD.examples("task_eval")
   topic, subject = WORLD.facts("task_eval")[0]
@@ -79,7 +104,9 @@ def test_seqio_tasks_score_the_value_only_and_pack_facts_as_segments():
 def test_training_split_is_shuffled_in_full_each_epoch_and_deterministic():
   """The facts are stored topic by topic; the training stream must mix topics from the
   first row on (seqio's 1,000-example buffer alone would not), reproducibly per seed."""
-  assert fact_tasks.DEFAULT_WORLD.num_task_items >= 2500
+  # At least 2,400 scored items beside the development split (192 facts).
+  assert fact_tasks.DEFAULT_WORLD.num_task_items >= 2400
+  assert len(fact_tasks.DEFAULT_WORLD.facts("task_dev")) == 192
   assert fact_tasks.DEFAULT_WORLD.num_topics >= 32
   world = facts.FactWorld(num_topics=32, subjects_per_topic=40)  # 1,280 facts
 

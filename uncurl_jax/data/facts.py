@@ -36,7 +36,7 @@ import functools
 import numpy as np
 
 PAD, EOS = 0, 1
-SPLITS = ("pretrain", "task_finetune", "task_eval")
+SPLITS = ("pretrain", "task_finetune", "task_dev", "task_eval")
 PROMPT_PARTS = ("subject", "topic")
 
 
@@ -52,6 +52,10 @@ class FactWorld:
     task_topics: The target task's topics.
     task_subjects_per_topic: Subjects of each task topic (None: `subjects_per_topic`).
     finetune_fraction: Share of a task topic's subjects whose facts finetuning sees.
+    dev_fraction: Share of a task topic's subjects set aside as a development split
+      ("task_dev": seen only in pretraining, like the scored ones, but never scored), on
+      which the study's settings are chosen; taken after the finetuning subjects, so the
+      finetuning facts do not depend on it.
     prompt: The inputs of a fact, e.g. ("subject", "topic") or ("topic", "subject",
       "topic"); the value follows the last token.
     seed: Seed of the values and of the split.
@@ -64,6 +68,7 @@ class FactWorld:
   task_topics: tuple[int, ...] = tuple(range(8))
   task_subjects_per_topic: int | None = None
   finetune_fraction: float = 0.2
+  dev_fraction: float = 0.0
   prompt: tuple[str, ...] = ("subject", "topic")
   seed: int = 2409
 
@@ -82,6 +87,9 @@ class FactWorld:
                        f"{self.task_subjects_per_topic}")
     if not 0.0 < self.finetune_fraction < 1.0:
       raise ValueError(f"finetune_fraction must be in (0, 1), got {self.finetune_fraction}")
+    if not 0.0 <= self.dev_fraction < 1.0 - self.finetune_fraction:
+      raise ValueError(f"dev_fraction must be in [0, 1 - finetune_fraction = "
+                       f"{1.0 - self.finetune_fraction:g}), got {self.dev_fraction}")
     if not self.prompt or any(p not in PROMPT_PARTS for p in self.prompt) or \
         "subject" not in self.prompt or "topic" not in self.prompt:
       raise ValueError(f"prompt must use both of {PROMPT_PARTS}, got {self.prompt}")
@@ -106,7 +114,7 @@ class FactWorld:
   @property
   def num_task_items(self) -> int:
     """Held-out facts of the task: its independent scored items."""
-    return len(self._split()[1])
+    return len(self._split()[2])
 
   @property
   def num_value_tokens(self) -> int:
@@ -140,27 +148,36 @@ class FactWorld:
     return table
 
   @functools.cache
-  def _split(self) -> tuple[np.ndarray, np.ndarray]:
-    """(finetune, held-out) facts of the task as [n, 2] (topic, subject) arrays."""
+  def _split(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(finetune, dev, held-out) facts of the task as [n, 2] (topic, subject) arrays."""
     rng = np.random.default_rng([self.seed, 1])
-    finetune, held_out = [], []
+    finetune, dev, held_out = [], [], []
     for topic in self.task_topics:
       subjects = rng.permutation(self.subjects(topic))
       cut = max(1, round(self.finetune_fraction * len(subjects)))
+      dev_cut = cut + round(self.dev_fraction * len(subjects))
+      if dev_cut >= len(subjects):
+        raise ValueError(f"topic {topic} has {len(subjects)} subjects: none left to score "
+                         f"after {cut} finetuning and {dev_cut - cut} development subjects")
       finetune += [(topic, s) for s in np.sort(subjects[:cut])]
-      held_out += [(topic, s) for s in np.sort(subjects[cut:])]
-    return np.asarray(finetune, np.int64), np.asarray(held_out, np.int64)
+      dev += [(topic, s) for s in np.sort(subjects[cut:dev_cut])]
+      held_out += [(topic, s) for s in np.sort(subjects[dev_cut:])]
+    as_array = lambda pairs: np.asarray(pairs, np.int64).reshape(-1, 2)
+    return as_array(finetune), as_array(dev), as_array(held_out)
 
   def facts(self, split: str) -> np.ndarray:
     """[n, 2] (topic, subject) pairs of `split`: every fact of the world ("pretrain"), the
-    task's finetuning facts ("task_finetune") or its held-out facts ("task_eval")."""
+    task's finetuning facts ("task_finetune"), its development facts ("task_dev") or its
+    held-out, scored facts ("task_eval")."""
     if split == "pretrain":
       return np.asarray([(t, s) for t in range(self.num_topics)
                          for s in range(self.subjects(t))], np.int64)
     if split == "task_finetune":
       return self._split()[0]
-    if split == "task_eval":
+    if split == "task_dev":
       return self._split()[1]
+    if split == "task_eval":
+      return self._split()[2]
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
   def examples(self, split: str) -> dict[str, np.ndarray]:

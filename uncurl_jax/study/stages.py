@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import seqio
 
 from uncurl_jax import pruning
 from uncurl_jax.data import pipeline
@@ -154,6 +155,15 @@ def prune_model(directory: str, *, params: Any, config: configs.ModelConfig,
   return small, summary
 
 
+def scored_examples(name: str) -> int | None:
+  """Examples in a seqio task's validation split, when its source knows without reading
+  (so that a score computed on other items is not taken from the cache); None otherwise."""
+  try:
+    return int(seqio.get_mixture_or_task(name).num_input_examples("validation"))
+  except Exception:  # pylint: disable=broad-except  (a TFDS source without metadata, ...)
+    return None
+
+
 class StageWork:
   """The work, settings (keys) and costs of the study's stages other than training.
 
@@ -186,7 +196,8 @@ class StageWork:
             "num_examples": cfg.eval_num_examples, "eval_batches": cfg.eval_batches,
             "batch_size": cfg.eval_batch_size, "usage_max_tokens": cfg.usage_max_tokens,
             "feature_lengths": dict(cfg.finetune.task_feature_lengths),
-            "dropless": cfg.score_dropless}
+            "dropless": cfg.score_dropless,
+            "scored_examples": scored_examples(task.eval_task or task.name)}
 
   # Costs, in pretraining steps.
 
