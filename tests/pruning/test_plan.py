@@ -79,7 +79,8 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("method", [m for m in pruning.METHODS
-                                    if not pruning.methods.get(m).zero_outputs])
+                                    if not pruning.methods.get(m).zero_outputs
+                                    and not pruning.methods.get(m).needs_selection])
 def test_keeping_every_expert_is_the_identity(method):
   params, logits = _params(), _logits()
   for router in ("anchor", "merge"):
@@ -112,6 +113,33 @@ def test_experts_off_zeroes_every_expert_output_and_keeps_the_rest():
     if "bias" in layer["expert"]["wo"]:
       assert not np.any(np.asarray(layer["expert"]["wo"]["bias"]))
   assert out["token_embed"]["embedding"] is params["token_embed"]["embedding"]
+
+
+def test_selection_keeps_the_named_experts_with_their_bound_columns():
+  """Method 'selection' keeps exactly the experts named per layer (in ascending order), by
+  default with the whole router bound (column c -> its expert, -1 for the others); its
+  count comes from the selection; bad selections are refused by name."""
+  params, kept = _params(), {"layers_0/mlp": [6, 1, 3], "layers_2/mlp": [0, 7]}
+  plan = pruning.plan_pruning(params, None, method="selection", selection=kept)
+  assert plan.router == "bind" and plan.num_experts == {"layers_0/mlp": 3, "layers_2/mlp": 2}
+  out = pruning.apply_plan(params, plan)
+  for name, experts in kept.items():
+    layer, source = out[name.split("/")[0]]["mlp"], params[name.split("/")[0]]["mlp"]
+    np.testing.assert_array_equal(layer["expert"]["wo"]["kernel"],
+                                  np.asarray(source["expert"]["wo"]["kernel"])[sorted(experts)])
+    np.testing.assert_array_equal(layer["router"]["kernel"], source["router"]["kernel"])
+  config = pruning.pruned_config(configs.get("tiny", num_layers=3, num_experts=8), plan)
+  assert config.layer_router_maps == ((-1, 0, -1, 1, -1, -1, 2, -1),
+                                      (0, -1, -1, -1, -1, -1, -1, 1))
+  with pytest.raises(ValueError, match="selection"):
+    pruning.plan_pruning(params, None, method="selection")
+  with pytest.raises(ValueError, match="selection"):
+    pruning.plan_pruning(params, _logits(), 3, method="frequency", selection=kept)
+  with pytest.raises(ValueError, match=r"selection\['layers_0/mlp'\]"):
+    pruning.plan_pruning(params, None, method="selection",
+                         selection={"layers_0/mlp": [1, 1], "layers_2/mlp": [0]})
+  with pytest.raises(ValueError, match="disagrees"):
+    pruning.plan_pruning(params, None, 4, method="selection", selection=kept)
 
 
 def _permuted_copies(noise, seed=0):
@@ -275,7 +303,8 @@ def test_default_targets_follow_the_paper():
   assert plan.num_experts == {"layers_0/mlp": 2, "layers_2/mlp": 5}
 
 
-@pytest.mark.parametrize("method", pruning.METHODS)
+@pytest.mark.parametrize("method", [m for m in pruning.METHODS
+                                    if not pruning.methods.get(m).needs_selection])
 def test_plans_are_deterministic_round_trip_json_and_do_not_mutate(method):
   params, logits = _params(), _logits()
   params_copy, logits_copy = copy.deepcopy(params), copy.deepcopy(logits)

@@ -178,6 +178,7 @@ class MethodInputs:
   cluster: str = "spectral"
   features: str = "router_logits"
   seed: int = 0
+  selection: Mapping[str, tuple[int, ...]] | None = None
 
   @functools.cached_property
   def similarities(self) -> dict[str, np.ndarray]:
@@ -216,6 +217,7 @@ class Method:
     zero_outputs: A floor, not a pruning method: the kept experts' output projections
       are zeroed, so every MoE layer adds nothing to the residual stream (what a pruned
       model that keeps none of its experts' knowledge would score).
+    needs_selection: Keeps the experts the caller names (`plan_pruning(selection=...)`).
   """
 
   name: str
@@ -228,6 +230,7 @@ class Method:
   description: str = ""
   uneven_counts: bool = False
   zero_outputs: bool = False
+  needs_selection: bool = False
 
 
 def per_layer(fn: Callable[[MethodInputs, str], Grouping]
@@ -332,6 +335,12 @@ register(Method(
     group=per_layer(lambda i, name: hc_smoe_grouping(
         i.stats[name].mean_output, i.frequencies[name], i.targets[name]))))
 
+register(Method(
+    "selection", merges=False, needs_logits=False, default_router="bind",
+    needs_selection=True,
+    description="keep the experts the caller names per layer (e.g. the study's oracle)",
+    group=per_layer(lambda i, name: selection_grouping(
+        np.asarray(i.selection[name], np.int64), i.layers[name].num_experts))))
 register(Method(
     "experts_off", merges=False, needs_logits=False, default_router="anchor",
     zero_outputs=True,

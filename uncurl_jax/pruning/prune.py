@@ -44,7 +44,8 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
                  layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT,
                  pretrained_params: Mapping[str, Any] | None = None,
                  router_init_std: float = 0.02, num_workers: int | None = None,
-                 timings: dict[str, float] | None = None) -> PrunePlan:
+                 timings: dict[str, float] | None = None,
+                 selection: Mapping[str, Any] | None = None) -> PrunePlan:
   """Decides how to prune every MoE layer of `params` for the task behind `logits`.
 
   Args:
@@ -80,6 +81,8 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
     router_init_std: Standard deviation of a re-initialized router (the model's init).
     num_workers: Assignment-solver threads; None: all cores; 0: sequential.
     timings: If given, receives seconds per stage.
+    selection: {MoE layer path: expert indices to keep} for method "selection" (the
+      count per layer is the selection's; `num_experts` must agree or be None).
 
   Returns:
     The PrunePlan.
@@ -103,7 +106,15 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
   stats = validate.expert_stats(logits, layers)
   spec, router = validate.options(method, cluster, router, has_logits=logits is not None,
                                   has_stats=stats is not None, features_from=features,
-                                  has_pretrained=pretrained_params is not None)
+                                  has_pretrained=pretrained_params is not None,
+                                  has_selection=selection is not None)
+  kept = validate.selection(selection, layers)
+  if kept is not None:
+    counts = {name: len(experts) for name, experts in kept.items()}
+    if num_experts is not None and validate.targets(num_experts, layers) != counts:
+      raise ValueError(f"num_experts {num_experts!r} disagrees with the selection's counts "
+                       f"{counts}; pass None")
+    num_experts = counts
   validate.finite_weights(layers)
   host_logits = validate.router_logits(logits, layers)
   timings = {} if timings is None else timings
@@ -114,7 +125,7 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
           name: features_lib.selection_frequencies(h, validate.top_k(top_k, layers))
           for name, h in host_logits.items()},
       pretrained_router=validate.pretrained_router(pretrained_params, layers, layout),
-      stats=stats, cluster=cluster, features=features, seed=seed)
+      stats=stats, cluster=cluster, features=features, seed=seed, selection=kept)
   timings["features"] = time.perf_counter() - start
 
   start = time.perf_counter()

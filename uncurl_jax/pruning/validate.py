@@ -132,8 +132,8 @@ def default_num_experts(num_experts: int) -> int:
 
 
 def options(method: Any, cluster: Any, router: Any, *, has_logits: bool, has_stats: bool,
-            has_pretrained: bool, features_from: Any = "router_logits"
-            ) -> tuple[methods_lib.Method, str]:
+            has_pretrained: bool, features_from: Any = "router_logits",
+            has_selection: bool = False) -> tuple[methods_lib.Method, str]:
   """The registered method and the router option (its default when `router` is None)."""
   spec = methods_lib.get(method)
   choice("cluster", cluster, clustering.CLUSTER_METHODS)
@@ -148,10 +148,38 @@ def options(method: Any, cluster: Any, router: Any, *, has_logits: bool, has_sta
                      "finetuning) to measure the change of router-column norms")
   if not spec.needs_pretrained and has_pretrained:
     raise ValueError(f"pretrained_params is only used by methods that need it, not {method!r}")
+  if spec.needs_selection != has_selection:
+    raise ValueError(f"selection= (the experts to keep per layer) is given with method "
+                     f"'selection' and only with it; got method {method!r} "
+                     f"{'with' if has_selection else 'without'} a selection")
   if spec.needs_logits and not has_logits:
     free = [m for m in methods_lib.names() if not methods_lib.get(m).needs_logits]
     raise ValueError(f"method {method!r} needs router logits; only {free} accept logits=None")
   return spec, router or spec.default_router
+
+
+def selection(kept: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
+              ) -> dict[str, tuple[int, ...]] | None:
+  """{layer: sorted distinct expert indices in [0, E)}, one non-empty entry per MoE layer."""
+  if kept is None:
+    return None
+  if not isinstance(kept, Mapping):
+    raise TypeError(f"selection must be a mapping {{layer path: expert indices}}, got "
+                    f"{type(kept).__name__}")
+  missing, extra = sorted(set(layers) - set(kept)), sorted(set(kept) - set(layers))
+  if missing or extra:
+    raise ValueError(f"selection must have one entry per MoE layer {sorted(layers)}: missing "
+                     f"{missing}, extra {extra}")
+  out = {}
+  for name, weights in layers.items():
+    experts = np.asarray(kept[name])
+    if (experts.ndim != 1 or not experts.size or not np.issubdtype(experts.dtype, np.integer)
+        or len(set(experts.tolist())) != experts.size or experts.min() < 0
+        or experts.max() >= weights.num_experts):
+      raise ValueError(f"selection[{name!r}] must be distinct expert indices in [0, "
+                       f"{weights.num_experts}), at least one; got {kept[name]!r}")
+    out[name] = tuple(sorted(int(e) for e in experts))
+  return out
 
 
 def router_logits(logits: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
