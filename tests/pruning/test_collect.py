@@ -327,3 +327,40 @@ def test_route_tokens_with_unbound_columns_matches_numpy(top_k):
   np.testing.assert_allclose(routing.gate, np.take_along_axis(probs, columns, -1), rtol=1e-6)
   with pytest.raises(ValueError, match="fewer than top_k"):
     router_lib.route_tokens(logits, top_k=3, capacity=4, expert_map=(0, -1, -1, -1, 1, -1))
+
+
+def test_a_column_mask_is_the_bound_selection_and_the_greedy_oracle_finds_a_planted_set():
+  """A 'routing'/'column_mask' evaluates a selection with the gates bound in one compiled
+  program: the logits equal those of the pruned model that keeps those experts with its
+  router bound (method 'selection'). The greedy oracle, scored through such masks, finds
+  the experts a planted score rewards, layer by layer, in sum_d (E - d + 1) calls."""
+  params, tokens = _init(CONFIG), _batches(1)[0]["decoder_input_tokens"]
+  kept = {"layers_0/mlp": (1, 4, 6), "layers_2/mlp": (0, 7)}
+  masks = {name.split("/")[0]: {"mlp": {"column_mask": jnp.zeros(8).at[np.array(e)].set(1.0)}}
+           for name, e in kept.items()}
+  masked = SMoEDecoder(CONFIG).apply({"params": params, "routing": masks}, tokens, tokens,
+                                     enable_dropout=False)
+  plan = pruning.plan_pruning(params, None, method="selection", selection=kept)
+  small_cfg = pruning.pruned_config(CONFIG, plan)
+  small = SMoEDecoder(small_cfg).apply({"params": pruning.apply_plan(params, plan)}, tokens,
+                                       tokens, enable_dropout=False)
+  np.testing.assert_allclose(masked, small, rtol=1e-5, atol=1e-5)
+  full = _forward(CONFIG)(params, tokens)
+  assert not np.allclose(masked, full, atol=1e-3)       # the mask does change the routing
+
+  planted = {"layers_0/mlp": {2, 5}, "layers_2/mlp": {3}}
+  calls = []
+
+  def score(masks):
+    calls.append({k: tuple(np.flatnonzero(v)) for k, v in masks.items()})
+    return sum(len(planted[k] & set(np.flatnonzero(m).tolist())) for k, m in masks.items())
+  selection, trace = pruning.greedy_selection(score, {"layers_0/mlp": 8, "layers_2/mlp": 8},
+                                              {"layers_0/mlp": 2, "layers_2/mlp": 1})
+  assert selection == {"layers_0/mlp": (2, 5), "layers_2/mlp": (3,)}
+  assert len(calls) == (8 + 7) + 8
+  assert calls[0]["layers_2/mlp"] == tuple(range(8))   # unvisited layers keep every expert
+  assert calls[-1]["layers_0/mlp"] == (2, 5)            # visited ones keep their choice
+  assert [t[:2] for t in trace] == [("layers_0/mlp", 2), ("layers_0/mlp", 5),
+                                    ("layers_2/mlp", 3)]
+  with pytest.raises(ValueError, match="target"):
+    pruning.greedy_selection(score, {"layers_0/mlp": 8}, {"layers_0/mlp": 9})

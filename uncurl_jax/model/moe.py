@@ -185,7 +185,7 @@ def group_tokens(x: jax.Array, group_size: int | None) -> jax.Array:
 
 def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, *,
                 config: ModelConfig, train: bool, expert_axis: str | None = None,
-                model_axis: str | None = None):
+                model_axis: str | None = None, column_mask: jax.Array | None = None):
   """The MoE FFN on a `[B, L, d]` batch, as a pure function of the weights.
 
   With `expert_axis` (inside shard_map) the local buffers are exchanged with
@@ -202,7 +202,7 @@ def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, 
   capacity = config.capacity(grouped.shape[1], train=train)
   logits = router.router_logits(grouped, router_kernel)
   routing = router.route_tokens(logits, top_k=config.top_k, capacity=capacity,
-                                expert_map=config.router_map)
+                                expert_map=config.router_map, column_mask=column_mask)
 
   buffers = dispatch_tokens(grouped, routing, capacity=capacity, mode=config.dispatch,
                             num_experts=config.num_experts)
@@ -318,7 +318,10 @@ class MoeLayer(nn.Module):
   `expert/wi/{kernel [E, d, f], bias [E, f]}`, `expert/wo/{kernel [E, f, d], bias [E, d]}`.
   Sows the scalars of `INTERMEDIATE_NAMES` into 'intermediates', the raw router logits
   `[B, L, E]` into 'router_logits'/'logits' and its input `[B, L, d]` into
-  'moe_inputs'/'inputs' when those collections are mutable.
+  'moe_inputs'/'inputs' when those collections are mutable. A variable
+  'routing'/'column_mask' `[E]` passed to `apply` (e.g. `{"params": p, "routing":
+  {"layers_0": {"mlp": {"column_mask": m}}}}`) restricts the choice to its columns with
+  the gates kept (`router.route_tokens`); not on the expert-parallel path.
 
   Example:
     >>> layer = MoeLayer(config=configs.get("tiny", num_experts=8), name="mlp")
@@ -338,8 +341,14 @@ class MoeLayer(nn.Module):
                                    cfg.param_dtype, name="router")(cfg.d_model)
     experts = _Experts(cfg, name="expert")()
 
-    forward = functools.partial(moe_forward, config=cfg, train=not deterministic)
+    column_mask = (self.get_variable("routing", "column_mask")
+                   if self.has_variable("routing", "column_mask") else None)
+    forward = functools.partial(moe_forward, config=cfg, train=not deterministic,
+                                column_mask=column_mask)
     mesh = _expert_parallel_mesh(cfg)
+    if mesh is not None and column_mask is not None:
+      raise ValueError("a 'routing'/'column_mask' is not supported on the expert-parallel "
+                       "path; evaluate it without an 'expert' mesh axis")
     if mesh is not None:
       # Once per trace: tells a run (e.g. under t5x) that the all-to-all path is taken.
       logging.info("MoE layer %s: expert-parallel over %d expert shards (all-to-all)",

@@ -92,7 +92,8 @@ def capacity_positions(expert_index: jax.Array, num_experts: int) -> jax.Array:
 
 
 def route_tokens(logits: jax.Array, *, top_k: int, capacity: int,
-                 expert_map: tuple[int, ...] | None = None) -> Routing:
+                 expert_map: tuple[int, ...] | None = None,
+                 column_mask: jax.Array | None = None) -> Routing:
   """Tokens-choose top-k routing with per-group expert capacity.
 
   Example: `route_tokens(logits, top_k=2, capacity=4).slot` is `[G, S, 2]`.
@@ -105,6 +106,10 @@ def route_tokens(logits: jax.Array, *, top_k: int, capacity: int,
       `expert_map[c]` (its gate stays column c's probability; two choices of one token
       may reach the same expert); -1: column c is never chosen. None: column c is
       expert c.
+    column_mask: `[R]` traced 0/1 (or bool): columns with 0 are never chosen, as if bound
+      to -1 (the gates stay the full softmax probabilities), without a static map, so
+      one compiled program evaluates any subset of experts (the study's oracle
+      selection). A choice left without an allowed column is dropped.
   """
   if logits.ndim != 3:
     raise ValueError(f"logits must be [groups, tokens, experts], got shape {logits.shape}")
@@ -112,7 +117,19 @@ def route_tokens(logits: jax.Array, *, top_k: int, capacity: int,
     raise ValueError(f"capacity must be >= 1, got {capacity}")
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   num_experts = logits.shape[-1]
-  if expert_map is None:
+  valid = None
+  if column_mask is not None:
+    if column_mask.shape != (logits.shape[-1],):
+      raise ValueError(f"column_mask must be [{logits.shape[-1]}] (one per router column), "
+                       f"got shape {column_mask.shape}")
+    if expert_map is not None:
+      raise ValueError("give expert_map or column_mask, not both")
+    allowed = jnp.asarray(column_mask) > 0
+    column_index, _ = top_k_choices(jnp.where(allowed, probs, -1.0), top_k)
+    gate = jnp.take_along_axis(probs, column_index, axis=-1)
+    expert_index = column_index
+    valid = allowed[column_index]
+  elif expert_map is None:
     column_index, gate = top_k_choices(probs, top_k)
     expert_index = column_index
   else:
@@ -129,6 +146,8 @@ def route_tokens(logits: jax.Array, *, top_k: int, capacity: int,
     expert_index = bound[column_index]
   position = capacity_positions(expert_index, num_experts)
   kept = position < capacity
+  if valid is not None:
+    kept &= valid
   slot = jnp.where(kept, position, capacity)
   return Routing(expert_index=expert_index, slot=slot, gate=gate, kept=kept, probs=probs,
                  column_index=column_index)

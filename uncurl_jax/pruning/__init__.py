@@ -5,7 +5,8 @@ The steps are separate modules of pure functions, each usable alone:
 (similarity, selection frequencies) -> `clustering` ->
 `alignment` (Hungarian weight matching) -> `merge` (weighted averaging, router
 re-indexing). `methods` is the registry of pruning methods, `validate` checks the
-arguments, `layout` finds MoE layers in a params tree. `plan_pruning` composes the
+arguments, `layout` finds MoE layers in a params tree, `oracle` selects experts greedily by a
+black-box score (the study's ceiling). `plan_pruning` composes the
 deciding part into a `PrunePlan`, `apply_plan` executes one; `prune_params` does both.
 
 Example:
@@ -29,6 +30,7 @@ from uncurl_jax.pruning.methods import METHODS
 from uncurl_jax.pruning.methods import Method
 from uncurl_jax.pruning.methods import MethodInputs
 from uncurl_jax.pruning.methods import register as register_method
+from uncurl_jax.pruning.oracle import greedy_selection
 from uncurl_jax.pruning.plan import ExpertAlignment
 from uncurl_jax.pruning.plan import LayerPlan
 from uncurl_jax.pruning.plan import PrunePlan
@@ -61,6 +63,7 @@ __all__ = [
     "detect_layout",
     "expert_counts",
     "find_moe_layers",
+    "greedy_selection",
     "plan_pruning",
     "prune_params",
     "pruned_config",
