@@ -6,6 +6,7 @@ after a checkpoint, the study is rerun (that stage resumes), rerun again (everyt
 cached), and rerun with one more method (only that method's stages run).
 """
 
+import collections
 import dataclasses
 import io
 import os
@@ -26,6 +27,7 @@ from uncurl_jax import pruning
 from uncurl_jax.study import runner as study_lib
 from uncurl_jax.study import config as study_config
 from uncurl_jax.study import progress as study_progress
+from uncurl_jax.study import report as study_report
 from uncurl_jax.study import stages as study_stages
 from uncurl_jax.study import training as study_training
 from uncurl_jax.train import run as train_lib
@@ -33,6 +35,7 @@ from uncurl_jax.study.cache import Status
 from uncurl_jax.study.config import Runtime, TrainSettings
 
 TASK = "synthetic_lm_dna"
+DEV_TASK = "synthetic_lm_code"
 
 
 def _config(output_dir, **overrides):
@@ -81,7 +84,12 @@ def runs(tmp_path_factory):
   extended = study_run.run_study(_config(
       tmp_path_factory.mktemp("extended"), stages_dir=str(output_dir / "stages"),
       methods=["uncurl:reinit", "frequency", "random"]))
-  return dict(output_dir=output_dir, resumed=resumed, cached=cached, extended=extended)
+  # The floor and the ceiling, the ceiling choosing on another task's validation split.
+  framed = study_run.run_study(_config(
+      tmp_path_factory.mktemp("framed"), stages_dir=str(output_dir / "stages"),
+      methods=["frequency", "experts_off", "oracle"], dev_tasks={TASK: DEV_TASK}))
+  return dict(output_dir=output_dir, resumed=resumed, cached=cached, extended=extended,
+              framed=framed)
 
 
 def test_interrupted_stage_resumes_from_its_checkpoint(runs):
@@ -100,7 +108,9 @@ def test_rows_table_and_files(runs):
       ("scratch", 2, ""), ("scratch", 4, ""), ("pruned", 2, "uncurl"), ("pruned", 2, "frequency")]
   for row in rows:
     assert 0.0 <= row.score <= 100.0 and row.task == TASK and row.seed == 0
-    assert (row.score_before_finetune is not None) == (row.kind == "pruned")
+    assert row.score_before_finetune is not None          # every arm, references too
+    assert (row.score_after_warmup is not None) == (row.kind == "pruned")
+    assert row.recipe.startswith("router warm-up 1 steps" if row.kind == "pruned" else "4 steps")
   files = runs["resumed"]["files"]
   with open(files["csv"]) as f:
     assert len(f.read().strip().splitlines()) == 1 + len(rows)
@@ -126,9 +136,51 @@ def test_rerun_skips_every_stage_and_gives_the_same_rows(runs):
 def test_added_method_runs_only_its_stages(runs):
   ran = [name for name, status in runs["extended"]["events"] if status != Status.SKIPPED]
   suffix = f"random-e4to2-{TASK}"
-  assert ran == [f"prune-{suffix}", f"score-prune-{suffix}", f"finetune-{suffix}",
-                 f"score-finetune-{suffix}"]
+  assert ran == [f"prune-{suffix}", f"score-prune-{suffix}", f"warmup-{suffix}",
+                 f"score-warmup-{suffix}", f"finetune-{suffix}", f"score-finetune-{suffix}"]
   assert runs["extended"]["rows"][:4] == runs["resumed"]["rows"]
+
+
+def test_the_floor_and_the_ceiling_arms(runs):
+  """experts_off: the source with every expert's output zeroed, scored one-shot as the
+  library computes it; oracle: the experts greedily chosen on the development task (2 per
+  layer), its model the bound selection of them; both warmed up and finetuned like every
+  pruned arm; the report frames the methods with them."""
+  rows = {r.method: r for r in runs["framed"]["rows"] if r.kind == "pruned"}
+  assert set(rows) == {"frequency", "experts_off", "oracle"}
+  assert rows["oracle"].model == "4->2 oracle (bind)"
+  assert rows["experts_off"].model == "4->2 experts_off (anchor)"
+  study = study_lib.Study(_config(runs["output_dir"], methods=["experts_off", "oracle"],
+                                  dev_tasks={TASK: DEV_TASK}))
+  study.plan()
+  task = study_config.StudyTask(TASK)
+  base = study.pretrained(4, seed=0)
+  selected = study.finished(study.oracle_selected(task, base, (4, 2)))
+  assert selected.status == Status.SKIPPED
+  selection = selected.result["selection"]
+  assert sorted(selection) == ["layers_0/mlp", "layers_1/mlp"]
+  assert all(len(experts) == 2 for experts in selection.values())
+  assert len(selected.result["trace"]) == 4 and selected.result["dev_items"] > 0
+  scorer = study_stages.LossScorer(task=TASK, task_feature_lengths={"targets": 32}, pack=True,
+                                   batch_size=8, max_batches=1, mesh=study.config.runtime.mesh)
+  off = pruning.prune_params(study.params(base), None, 2, method="experts_off")
+  np.testing.assert_allclose(
+      rows["experts_off"].score_before_finetune,
+      scorer(dataclasses.replace(study.config.model, num_experts=2), off)["accuracy"],
+      rtol=1e-6)
+  plan = pruning.plan_pruning(jax.device_get(study.params(base)), None, method="selection",
+                              selection=selection)
+  oracle_config = pruning.pruned_config(dataclasses.replace(study.config.model,
+                                                            num_experts=4), plan)
+  np.testing.assert_allclose(
+      rows["oracle"].score_before_finetune,
+      scorer(oracle_config, pruning.apply_plan(jax.device_get(study.params(base)), plan))[
+          "accuracy"], rtol=1e-6)
+  for row in rows.values():
+    assert row.score_after_warmup is not None and "router warm-up" in row.recipe
+  with open(runs["framed"]["files"]["markdown"]) as f:
+    markdown = f.read()
+  assert "## Scores by phase" in markdown and "| 4->2 oracle (bind) |" in markdown
 
 
 def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
@@ -157,8 +209,11 @@ def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
   source = study.pretrained(4, seed=0)
   pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), (4, 2), 0,
                         source=source, stats=study.task_stats(task, source, 4, seed=0))
-  finetuned = study.finetuned(task, pruned, "uncurl-reinit-e4to2", num_experts=2, seed=0)
-  assert {study.finished(s).status for s in (base, pruned, finetuned)} == {Status.SKIPPED}
+  warmed = study.router_warmed(task, pruned, "uncurl-reinit-e4to2", num_experts=2, seed=0)
+  finetuned = study.finetuned(task, warmed, "uncurl-reinit-e4to2", num_experts=2, seed=0,
+                              steps=3, data_offset=1)
+  assert {study.finished(s).status for s in (base, pruned, warmed, finetuned)} == {
+      Status.SKIPPED}
   model = dataclasses.replace(config.model, num_experts=2)
   common = dict(model_config=model, batch_size=8, train_steps=4, seed=0, data_seed=0,
                 eval_split=None, checkpoint_every_steps=100, async_checkpointing=False)
@@ -216,7 +271,10 @@ def test_bad_training_settings_raise(tmp_path):
                                              mixture_or_task_name="synthetic_lm"))
   with pytest.raises(ValueError, match="router_warmup_steps"):
     TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1,
-                  learning_rate=1.0, router_warmup_steps=4)
+                  learning_rate=1.0, router_warmup_steps=5)
+  # All steps router-only (the study's warm-up stage) is allowed, with no LR warm-up left.
+  TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1, learning_rate=1.0,
+                router_warmup_steps=4)
   with pytest.raises(ValueError, match="warmup_steps"):
     TrainSettings(task_feature_lengths={"targets": 8}, steps=4, batch_size=1,
                   learning_rate=1.0, warmup_steps=4, router_warmup_steps=1)
@@ -237,14 +295,18 @@ def test_progress_counts_one_compilation_per_new_shape(tmp_path):
 
   def charges(fragment):
     return sum(1 for s in charged if fragment in s.name and s.kind in ("train", "score"))
-  # Own shapes: per seed its finetune and one scorer (before and after finetuning share it).
-  assert charges("frequency-bind-e4to2") == 2 * 2
-  assert charges("mc_smoe-e4to2") == 2 * 2
-  # The uniform arms reuse the step and scorer of the 2-expert model from scratch, which
-  # compile once (seed 0), like the source's pretraining and finetuning.
-  assert charges("-frequency-e4to2") == charges("uncurl-merge") == 0
+  # Own shapes: per seed its router-only warm-up step, its finetuning step and one scorer
+  # (shared by its three scores).
+  assert charges("frequency-bind-e4to2") == 2 * 3
+  assert charges("mc_smoe-e4to2") == 2 * 3
+  # The uniform arms reuse the scorer of the 2-expert model from scratch; their router-only
+  # step and their (shorter) finetuning step compile once, for the first of them (seed 0),
+  # as the pretraining and the references' finetuning do.
+  assert charges("-frequency-e4to2") == 2 and charges("uncurl-merge") == 0
   assert [s.name for s in charged if s.kind == "train" and "to2" not in s.name] == [
       "pretrain-e2", f"finetune-e2-{TASK}", "pretrain-e4", f"finetune-e4-{TASK}"]
+  assert [s.name for s in charged if s.kind == "train" and "-frequency-e4to2" in s.name] == [
+      f"warmup-frequency-e4to2-{TASK}", f"finetune-frequency-e4to2-{TASK}"]
 
 
 def test_specs_parse():
@@ -319,3 +381,71 @@ def test_stage_batches_are_read_as_training_reaches_them_and_shared():
   # A resumed stage starts at its checkpoint's step.
   assert [b["index"] for b in read(cached, source, 5, 7)] == [5, 6]
   assert reads == list(range(7))
+
+
+def _default_study(tmp_path):
+  try:
+    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", "synthetic.gin")],
+                         gin_bindings=[f"STAGES_DIR = '{tmp_path}'"])
+    config = study_main.register_configurables()["StudyConfig"]()
+  finally:
+    gin.clear_config()
+  return study_lib.Study(config)
+
+
+def _recipes_in_docs() -> str:
+  """The fenced block under '#### The arms' recipes' in docs/study.md."""
+  text = open(os.path.join("docs", "study.md")).read()
+  section = text.split("#### The arms' recipes", 1)[1]
+  return section.split("```", 2)[1].strip("\n")
+
+
+def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):
+  """The docs are claims: the recipe of every arm of the default study, as planned, is the
+  block docs/study.md shows; references have no warm-up stage and train every parameter
+  for all finetuning steps; every pruned arm but progressive dropping has a router-only
+  warm-up stage of router_warmup_steps, scored, then full steps that make up the budget;
+  every arm is scored before finetuning, except progressive dropping (no one-shot model)."""
+  study = _default_study(tmp_path)
+  study.plan()
+  assert study_report.recipes_text(study.recipes()).strip("\n") == _recipes_in_docs()
+  settings = study.config.finetune_settings(study.config.tasks[0])
+  warmup = settings.router_warmup_steps
+  assert warmup > 0
+  kinds = collections.Counter()
+  for row in study.row_specs:
+    trained = row.score.inputs[0]
+    kinds[row.kind] += 1
+    chain = []  # the training stages from the pretrained model to the scored one
+    spec = trained
+    while spec.kind in ("train", "prune"):
+      chain.append(spec)
+      spec = spec.inputs[0] if spec.inputs else None
+      if spec is None:
+        break
+    names = [s.name.split("-")[0] for s in chain]
+    if row.kind != "pruned" or row.method.method == "progressive_dropping":
+      assert names[:2] == ["finetune", "pretrain"], names
+      assert row.warmed is None
+      assert trained.config["train"]["steps"] == settings.steps
+      assert trained.config["router_warmup"] is False
+      assert "warm-up" not in row.recipe
+      if row.kind == "pruned":
+        assert row.before is None and trained.config["dropping"] is not None
+      else:
+        assert row.before.inputs[0].name.startswith("pretrain-")
+      continue
+    assert names[:3] == ["finetune", "warmup", "prune"], names
+    full, warm = chain[0], chain[1]
+    assert warm.config["router_warmup"] is True
+    assert warm.config["train"]["steps"] == warm.config["train"]["router_warmup_steps"] == warmup
+    assert full.config["router_warmup"] is False
+    probe = 0
+    if row.method.method == "router_norm":
+      probe = chain[3].config["train"]["steps"]
+      assert chain[3].name.endswith(f"probe-{row.task.name}")
+    assert warmup + full.config["train"]["steps"] + probe == settings.steps
+    assert full.config["data_offset"] == probe + warmup and warm.config["data_offset"] == probe
+    assert row.before.inputs[0] is chain[2] and row.warmed.inputs[0] is warm
+    assert f"router warm-up {warmup} steps" in row.recipe
+  assert kinds == {"dense": 1, "scratch": 2, "pruned": len(study.config.methods)}

@@ -49,8 +49,10 @@ def test_training_phases_and_phase_lookup():
   assert [schedules.phase_index(phases, s) for s in (0, 2, 3, 9, 10)] == [0, 0, 1, 1, 1]
   assert [schedules.checkpoint_phase_index(phases, s) for s in (0, 3, 4, 10)] == [0, 0, 1, 1]
   assert [p.name for p in schedules.training_phases(train_steps=5)] == ["full"]
+  only = schedules.training_phases(train_steps=5, router_warmup_steps=5)  # router-only run
+  assert [(p.name, p.start_step, p.end_step) for p in only] == [("router_warmup", 0, 5)]
   with pytest.raises(ValueError, match="router_warmup_steps must be in"):
-    schedules.training_phases(train_steps=5, router_warmup_steps=5)
+    schedules.training_phases(train_steps=5, router_warmup_steps=6)
   with pytest.raises(ValueError, match="outside the phases"):
     schedules.phase_index(phases, 11)
 

@@ -39,6 +39,10 @@ from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
 
 PROGRESSIVE_DROPPING = "progressive_dropping"
+# The ceiling arm: per layer the experts chosen greedily to score best on the task's
+# development split (`pruning.greedy_selection`), kept with their router columns bound.
+ORACLE = "oracle"
+STUDY_ARMS = (PROGRESSIVE_DROPPING, ORACLE)  # arms that are not pruning methods
 DEFAULT_METHODS = ("uncurl:reinit", "uncurl:anchor", "uncurl:merge", "frequency",
                    "frequency_merge", "mc_smoe", "router_norm", "random", PROGRESSIVE_DROPPING)
 
@@ -60,7 +64,8 @@ class TrainSettings:
     mixture_or_task_name: seqio data; None means the study's target task (finetuning).
     pack: Pack several examples per row.
     router_warmup_steps: Router-only steps that start the finetuning of a pruned model
-      (the paper's warm-up; other models train fully for all `steps`).
+      (the paper's warm-up; other models train fully for all `steps`); equal to `steps`,
+      a router-only run.
     router_warmup_learning_rate: Peak learning rate of those steps.
   """
 
@@ -85,8 +90,8 @@ class TrainSettings:
     if self.router_warmup_learning_rate is not None:
       validate.real("TrainSettings.router_warmup_learning_rate",
                     self.router_warmup_learning_rate, positive=True)
-    if not 0 <= self.router_warmup_steps < self.steps:
-      raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}), got "
+    if not 0 <= self.router_warmup_steps <= self.steps:
+      raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}], got "
                        f"{self.router_warmup_steps}")
     if not 0 <= self.warmup_steps <= self.steps - self.router_warmup_steps:
       raise ValueError(f"warmup_steps must be in [0, steps - router_warmup_steps = "
@@ -154,6 +159,8 @@ class MethodSpec:
     uneven expert counts), so each compiles its own steps."""
     if self.method == PROGRESSIVE_DROPPING:
       return False
+    if self.method == ORACLE:
+      return True
     method = pruning_methods.get(self.method)
     return (self.router or method.default_router) == "bind" or method.uneven_counts
 
@@ -161,11 +168,11 @@ class MethodSpec:
   def parse(cls, text: str) -> MethodSpec:
     parts = str(text).split(":")
     method, router, features = (parts + [None, None])[:3]
-    known = pruning_methods.names() + (PROGRESSIVE_DROPPING,)
+    known = pruning_methods.names() + STUDY_ARMS
     if method not in known or len(parts) > 3:
       raise ValueError(f"unknown method {method!r} in {text!r}; expected one of {known}, "
                        "written 'method[:router[:features]]'")
-    if router and (router not in pruning.ROUTER_MODES or method == PROGRESSIVE_DROPPING):
+    if router and (router not in pruning.ROUTER_MODES or method in STUDY_ARMS):
       raise ValueError(f"router option {router!r} in {text!r}: expected one of "
                        f"{pruning.ROUTER_MODES} after a pruning method")
     if features and (features not in pruning_methods.FEATURES or method != "uncurl"):
@@ -178,10 +185,25 @@ class MethodSpec:
     return "-".join(part for part in (self.method, self.router, self.features) if part)
 
   @property
+  def router_used(self) -> str | None:
+    """The router option its pruned models get: the one named, else the method's default
+    (None for progressive dropping, which keeps the source's router)."""
+    if self.method == PROGRESSIVE_DROPPING:
+      return None
+    if self.method == ORACLE:
+      return "bind"
+    return self.router or pruning_methods.get(self.method).default_router
+
+  @property
+  def options(self) -> str:
+    """The row label's options: the router used and the features ('merge, expert_outputs')."""
+    return ", ".join(part for part in (self.router_used, self.features) if part)
+
+  @property
   def label(self) -> str:
-    """The row label's method part: 'uncurl (merge)', 'uncurl (anchor, expert_outputs)'."""
-    options = ", ".join(part for part in (self.router, self.features) if part)
-    return f"{self.method} ({options})" if options else self.method
+    """The row label's method part, naming the router even where it is the method's
+    default: 'uncurl (merge)', 'frequency (anchor)', 'frequency_merge (reinit)'."""
+    return f"{self.method} ({self.options})" if self.options else self.method
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +252,7 @@ class StudyConfig:
     pruned_experts: The D of the pruned models; every source is pruned to every smaller D
       (sources [32, 64, 128] and D [8, 32, 64] give the paper's six pairs).
     methods: "method" or "method:router" (`MethodSpec`); methods of `pruning.METHODS`
-      plus "progressive_dropping".
+      plus "progressive_dropping" and "oracle" (the ceiling: needs `dev_tasks`).
     dense_reference: Also train and finetune a dense model.
     finetune_steps: Per-task finetuning steps ({task name: steps}, e.g. 50 epochs),
       overriding `finetune.steps`; its learning-rate warm-up is capped to fit.
@@ -253,6 +275,9 @@ class StudyConfig:
     eval_batch_size: Rows per scoring forward pass.
     logits_max_tokens: Task tokens whose router logits drive pruning.
     usage_max_tokens: Task tokens of the expert-usage histograms.
+    dev_tasks: {task name: its development task} (a seqio task whose validation split is
+      disjoint from the scored items, e.g. 'facts_task_dev'), on which the oracle arm
+      selects its experts.
     runtime: Mesh, checkpoint period and logging (not part of any stage key).
   """
 
@@ -280,6 +305,7 @@ class StudyConfig:
   eval_batch_size: int = 32
   logits_max_tokens: int = 16384
   usage_max_tokens: int = 4096
+  dev_tasks: Mapping[str, str] = dataclasses.field(default_factory=dict)
   runtime: Runtime = Runtime()
 
   def __post_init__(self):
@@ -288,6 +314,7 @@ class StudyConfig:
     object.__setattr__(self, "source_experts", tuple(self.source_experts))
     object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
     object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
+    object.__setattr__(self, "dev_tasks", dict(self.dev_tasks))
     object.__setattr__(self, "seeds", tuple(self.seeds))
     self._check_types()
     if not self.tasks:
@@ -319,6 +346,14 @@ class StudyConfig:
                        f"{self.model.max_length}")
     if any(m.method == PROGRESSIVE_DROPPING for m in self.methods):
       self._check_dropping()
+    unknown = sorted(set(self.dev_tasks) - {t.name for t in self.tasks})
+    if unknown:
+      raise ValueError(f"dev_tasks names tasks {unknown} that are not in tasks")
+    if any(m.method == ORACLE for m in self.methods):
+      lacking = [t.name for t in self.tasks if t.name not in self.dev_tasks]
+      if lacking:
+        raise ValueError(f"the oracle arm selects on a development split: give dev_tasks "
+                         f"for {lacking} (e.g. {{'facts_task': 'facts_task_dev'}})")
 
   def _check_types(self):
     for name, kind in (("model", configs.ModelConfig), ("pretrain", TrainSettings),
@@ -379,6 +414,8 @@ class StudyConfig:
         pipeline.check_task(settings.mixture_or_task_name, "a training mixture")
     for task in self.tasks:
       pipeline.check_task(task.name, "a study task")
+      if task.name in self.dev_tasks:
+        pipeline.check_task(self.dev_tasks[task.name], f"the development task of {task.name}")
       if task.eval_task is not None:
         pipeline.check_task(task.eval_task, f"the eval task of {task.name}")
     for name in ("output_dir", "stages_dir"):

@@ -25,6 +25,9 @@ from uncurl_jax.study.report import ResultRow
 from uncurl_jax.study.report import ordered_models
 
 
+# The arms that frame the methods in `plot_pruning_factor`: the floor, then the ceiling.
+FRAME_ARMS = ("experts_off", "oracle")
+
 def _save(figure: Figure, path: str | os.PathLike) -> None:
   FigureCanvasAgg(figure)
   figure.savefig(path, dpi=110, bbox_inches="tight")
@@ -79,7 +82,8 @@ def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
 def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
   """Mean score (± SE over seeds) against the pruning factor E/D per method; the
   same-size models from scratch as a dashed black line (where merging stops paying,
-  the lines cross).
+  the lines cross); the floor (`experts_off`) and the ceiling (`oracle`) arms, where
+  present, as a grey band that frames the methods.
 
   Example:
     >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
@@ -93,13 +97,24 @@ def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> N
     for source in sources:
       labels = dict.fromkeys(r.model.split(" ", 1)[1] for r in pruned
                              if r.source_experts == source)
+      frames = {r.method: r.model.split(" ", 1)[1] for r in pruned
+                if r.source_experts == source and r.method in FRAME_ARMS}
+      prefix = f"E={source} " if len(sources) > 1 else ""
+      if len(frames) == len(FRAME_ARMS):
+        sizes = sorted({r.num_experts for r in pruned if r.source_experts == source
+                        and r.method in FRAME_ARMS}, reverse=True)
+        low, high = ([_estimate_or_nan(summary, (task, f"{source}->{d} {frames[m]}"))[0]
+                      for d in sizes] for m in FRAME_ARMS)
+        axis.fill_between([source / d for d in sizes], low, high, color="0.85", zorder=0,
+                          label=f"{prefix}floor (experts off) to ceiling (oracle)")
       for label in labels:
+        if label in frames.values() and len(frames) == len(FRAME_ARMS):
+          continue
         sizes = sorted({r.num_experts for r in pruned if r.source_experts == source
                         and r.model.split(" ", 1)[1] == label}, reverse=True)
         points = [(source / d, *_estimate_or_nan(summary, (task, f"{source}->{d} {label}")))
                   for d in sizes]
         x, y, err = zip(*points)
-        prefix = f"E={source} " if len(sources) > 1 else ""
         axis.errorbar(x, y, yerr=err, marker="o", capsize=2, label=prefix + label)
       scratch = [(source / d, *_estimate_or_nan(summary, (task, f"+{d}e")))
                  for d in sorted({r.num_experts for r in pruned}, reverse=True)

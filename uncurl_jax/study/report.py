@@ -38,7 +38,7 @@ from uncurl_jax.study import statistics
 KINDS = ("dense", "scratch", "pruned")
 CSV_COLUMNS = ("task", "model", "kind", "method", "router", "source_experts", "num_experts",
                "pruning_factor", "seed", "metric", "score", "score_before_finetune",
-               "score_at_capacity", "reference_score", "delta")
+               "score_after_warmup", "score_at_capacity", "reference_score", "delta", "recipe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,10 @@ class ResultRow:
     method: Pruning method of a pruned model ("uncurl", "frequency", ...).
     router: Router option of a pruned model ("reinit", "anchor", "merge"), or "".
     score: The task metric after finetuning.
-    score_before_finetune: The metric right after pruning, or None.
+    score_before_finetune: The metric before finetuning (a pruned model right after
+      pruning: one-shot; a reference after pretraining), or None.
+    score_after_warmup: A pruned model's metric after its router-only warm-up, or None.
+    recipe: What its finetuning did (steps, learning rates, parameters, losses).
     metric: Name of the metric.
     seed: The seed of the run.
     secondary: The metric at the model's evaluation capacity (when the score is
@@ -72,6 +75,8 @@ class ResultRow:
   metric: str = "accuracy"
   seed: int = 0
   secondary: float | None = None
+  score_after_warmup: float | None = None
+  recipe: str = ""
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -133,6 +138,9 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
           "seed": row.seed, "metric": row.metric, "score": row.score,
           "score_before_finetune": ("" if row.score_before_finetune is None
                                     else row.score_before_finetune),
+          "score_after_warmup": ("" if row.score_after_warmup is None
+                                 else row.score_after_warmup),
+          "recipe": row.recipe,
           "score_at_capacity": "" if row.secondary is None else row.secondary,
           "reference_score": "" if reference is None else reference,
           "delta": "" if reference is None else row.score - reference})
@@ -150,12 +158,14 @@ def read_csv(path: str | os.PathLike) -> list[ResultRow]:
   rows = []
   for r in records:
     before, secondary = r["score_before_finetune"], r.get("score_at_capacity", "")
+    warmed = r.get("score_after_warmup", "")
     rows.append(ResultRow(
         task=r["task"], kind=r["kind"], num_experts=int(r["num_experts"]),
         source_experts=int(r["source_experts"] or 0), method=r["method"], router=r["router"],
         score=float(r["score"]), score_before_finetune=float(before) if before else None,
         metric=r["metric"], seed=int(r["seed"]),
-        secondary=float(secondary) if secondary else None))
+        secondary=float(secondary) if secondary else None,
+        score_after_warmup=float(warmed) if warmed else None, recipe=r.get("recipe", "")))
   return rows
 
 
@@ -177,8 +187,9 @@ def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
                    lower_is_better: bool = False, items: Mapping | None = None,
                    digits: int = 2) -> str:
   """The paper-style table: models as rows, tasks as columns; mean ± standard error over
-  seeds; a pruned row is marked + / - only where its paired difference to the same-size
-  model from scratch exceeds two standard errors (`statistics`).
+  seeds; a pruned row is marked + / - only where the 95% t interval of its paired
+  difference to the same-size model from scratch excludes 0 (`statistics`; each cell is
+  its own comparison, without a multiplicity correction).
 
   Args:
     rows: Results (several tasks, models and seeds).
@@ -218,7 +229,19 @@ def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
 def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None,
                       digits: int = 2) -> str:
   """Paired differences of every pruned model: to the same-size model from scratch, to its
-  source, and to frequency pruning of the same pair (mean ± SE, + / - when called)."""
+  source, and to frequency pruning of the same pair (mean ± the 95% t interval's
+  half-width, + / - when the interval excludes 0; `statistics.Estimate.text`).
+
+  The frequency column compares with the pair's plain "frequency" row (no router option),
+  else its "frequency" row of the model's router, else its first (rows are matched by
+  method and router, not by label).
+
+  Example:
+    >>> print(differences_table(rows))
+    | task | model | - same size from scratch | - source | - frequency |
+    |---|---|---|---|---|
+    | rte | 32->8 uncurl (reinit) | +1.53 ± 0.38 (95% CI, seeds 3)+ | ... |
+  """
   lines = ["| task | model | - same size from scratch | - source | - frequency |",
            "|---|---|---|---|---|"]
   for task in dict.fromkeys(row.task for row in rows):
@@ -226,11 +249,15 @@ def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None
         r.model == m and r.task == task and r.kind == "pruned" for r in rows)]
     for model in pruned:
       row = next(r for r in rows if r.model == model)
+      frequency = [r for r in rows if r.task == task and r.kind == "pruned"
+                   and r.method == "frequency" and (r.source_experts, r.num_experts)
+                   == (row.source_experts, row.num_experts)]
+      frequency.sort(key=lambda r: (r.router != "", r.router != row.router))
       references = (reference_label(row), f"+{row.source_experts}e",
-                    f"{row.source_experts}->{row.num_experts} frequency")
+                    frequency[0].model if frequency else None)
       cells = []
       for reference in references:
-        estimate = (None if reference == model else statistics.paired_difference(
+        estimate = (None if reference in (model, None) else statistics.paired_difference(
             rows, model, reference, task=task, items=items))
         cells.append("" if estimate is None else estimate.text(digits) + estimate.called)
       lines.append(f"| {task} | {model} | " + " | ".join(cells) + " |")
@@ -238,7 +265,13 @@ def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None
 
 
 def findings_text(found: Sequence[statistics.Finding]) -> str:
-  """The findings as a markdown list: claim, verdict, the numbers."""
+  """The findings as a markdown list: verdict, claim, the correction and the numbers
+  (verdict rules: `statistics`).
+
+  Example:
+    >>> print(findings_text(statistics.findings(rows, pairs=[(32, 8)])))
+    - **holds**: [rte, one-shot] more experts help on the task (...). Holm over ...
+  """
   return "\n".join(f"- **{f.verdict}**: {f.claim}. {f.evidence}" for f in found)
 
 
@@ -269,3 +302,66 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   main(sys.argv)
+
+
+PHASES = (("before finetuning", "score_before_finetune"),
+          ("after the router warm-up", "score_after_warmup"), ("after finetuning", "score"))
+
+
+def phase_table(rows: Sequence[ResultRow], *, digits: int = 2) -> str:
+  """Every model's score at each phase, side by side (mean ± SE over seeds; blank where
+  an arm has no such phase): before finetuning (a reference after pretraining, a pruned
+  model right after pruning), after the router-only warm-up (pruned models), after
+  finetuning. One table per task.
+
+  Example:
+    >>> print(phase_table(rows))
+    ### facts_task
+    | model | before finetuning | after the router warm-up | after finetuning |
+  """
+  if not rows:
+    raise ValueError("phase_table needs at least one ResultRow")
+  out = []
+  for task in dict.fromkeys(row.task for row in rows):
+    task_rows = [row for row in rows if row.task == task]
+    out += [f"### {task}", "", "| model | " + " | ".join(name for name, _ in PHASES) + " |",
+            "|---|" + "---|" * len(PHASES)]
+    for model in ordered_models(task_rows):
+      cells = []
+      for _, field in PHASES:
+        values = [getattr(r, field) for r in task_rows
+                  if r.model == model and getattr(r, field) is not None]
+        if not values:
+          cells.append("")
+          continue
+        estimate = statistics.mean_se(values)
+        text = f"{estimate.mean:.{digits}f}"
+        if len(values) > 1:
+          text += f" ± {estimate.se:.{digits}f}"
+        cells.append(text)
+      out.append(f"| {model} | " + " | ".join(cells) + " |")
+    out.append("")
+  return "\n".join(out).rstrip() + "\n"
+
+
+def recipes_text(recipes: Mapping[str, str]) -> str:
+  """One line per arm: its label and its finetuning recipe."""
+  width = max((len(arm) for arm in recipes), default=0)
+  return "\n".join(f"  {arm:<{width}}  {recipe}" for arm, recipe in recipes.items())
+
+
+def router_table(entries: Sequence[Mapping]) -> str:
+  """The pruned arms' routers after the warm-up (`Study.router_diagnostics`) as a table."""
+  if not entries:
+    return "(no pruned arm with a warm-up)\n"
+  lines = ["| task | model | mean top-1 gate, one-shot | after the warm-up | agrees with the "
+           "merge router |", "|---|---|---|---|---|"]
+  number = lambda x: "" if x is None else f"{x:.3f}"
+  for entry in entries:
+    agreement = entry.get("agreement")
+    agrees = "" if not agreement else ", ".join(
+        f"{name.split('/')[0]} {100 * value:.1f}%" for name, value in agreement.items())
+    lines.append(f"| {entry['task']} | {entry['model']} | "
+                 f"{number(entry.get('mean_top1_gate_before'))} | "
+                 f"{number(entry.get('mean_top1_gate'))} | {agrees} |")
+  return "\n".join(lines) + "\n"

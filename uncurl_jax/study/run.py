@@ -120,6 +120,13 @@ def _task_figures(study: runner.Study, output_dir: str) -> dict[str, str]:
   return written
 
 
+def _findings(study: runner.Study) -> list[statistics.Finding]:
+  """The paper's findings, one-shot and after finetuning (per-item errors with one seed)."""
+  return statistics.findings(study.rows, pairs=list(study.config.pairs),
+                             items=study.items(), items_one_shot=study.items("one_shot"),
+                             lower_is_better=study.config.lower_is_better)
+
+
 def _markdown_report(study: runner.Study, table: str) -> str:
   config, rows = study.config, study.rows
   direction = "lower" if config.lower_is_better else "higher"
@@ -129,13 +136,27 @@ def _markdown_report(study: runner.Study, table: str) -> str:
   tasks = ", ".join(f"{t.name} ({config.task_metric(t)} of "
                     f"{t.eval_task or 'its validation split'})" for t in config.tasks)
   items = study.items()
-  found = statistics.findings(rows, pairs=list(config.pairs), items=items)
+  found = _findings(study)
   return "\n".join([
       f"# Study '{config.name}' (seeds {list(config.seeds)})", "",
       f"Tasks and scores: {tasks}; {direction} is better. Mean ± standard error over seeds; "
-      "a pruned model is marked + / - where its paired difference to the model of the same "
-      "size trained from scratch exceeds two standard errors (paper Table 2).", "",
+      "a pruned model is marked + / - where the 95% t interval of its paired difference to "
+      "the model of the same size trained from scratch excludes 0 (paper Table 2; over "
+      "seeds, or over the scored items with one seed). The findings correct each family "
+      "of comparisons with Holm's method.", "",
       "## After finetuning", "", table, "",
+      "## Scores by phase", "",
+      "Before finetuning (a reference after pretraining, a pruned model right after "
+      "pruning), after the pruned models' router-only warm-up, after finetuning:", "",
+      report.phase_table(rows),
+      "## Routers after the warm-up", "",
+      "Mean top-1 gate on the task's tokens right after pruning and after the router-only "
+      "warm-up; for UNCURL with a re-initialized router, the share of tokens whose first "
+      "choice is the expert the merge router (the same experts, function-preserving) "
+      f"chooses, per MoE layer (seed {config.seeds[0]}):", "",
+      report.router_table(study.router_diagnostics()),
+      "## Finetuning recipes", "", "Every arm trains on the same batches for the same "
+      "number of steps:", "", "```", report.recipes_text(study.recipes()), "```", "",
       "## Paired differences", "", report.differences_table(rows, items=items), "",
       "## The paper's findings", "", report.findings_text(found), "",
       "## Right after pruning (before finetuning)", "",
@@ -171,6 +192,8 @@ def run_study(config: config_lib.StudyConfig, *, compilation_cache: bool = True,
       f"{[t.name for t in config.tasks]}, {len(config.methods)} methods, pairs "
       f"{list(config.pairs)}; stages in {study.cache.root}")
   out(progress.plan_text())
+  out("Arms and their finetuning (every arm the same steps on the same batches):")
+  out(report.recipes_text(study.recipes()))
   cache_dir = os.path.join(study.cache.root, "jax_compilation_cache") if compilation_cache else None
   try:
     with persistent_compilation_cache(cache_dir):
@@ -185,8 +208,7 @@ def run_study(config: config_lib.StudyConfig, *, compilation_cache: bool = True,
       "model from scratch):\n")
   out(files["table"])
   out("\nThe paper's findings:\n")
-  out(report.findings_text(statistics.findings(study.rows, pairs=list(config.pairs),
-                                               items=study.items())))
+  out(report.findings_text(_findings(study)))
   out(f"\n{ran} of {len(study.cache.events)} stages computed, the rest cached; "
       f"{seconds:.0f} s. Report in {config.output_dir}:")
   for name, path in files.items():

@@ -4,17 +4,23 @@
 order. For each seed and target task the plan
 
 1. pretrains every model size from scratch: the sources (E experts), every pruned size
-   (D experts) and a dense model; optionally pre-finetunes them;
-2. finetunes each of them on the task (the reference rows of the table);
+   (D experts) and a dense model; optionally pre-finetunes them; scores each (the
+   references before finetuning);
+2. finetunes each of them on the task and scores it again (the reference rows);
 3. measures each source's task statistics (router logits and what the experts compute);
-4. for every pair E -> D and every method: prunes, scores the pruned model, finetunes it
-   and scores it again.
+4. for every pair E -> D and every method: prunes and scores the pruned model (one-shot),
+   trains its router alone and scores it (after the warm-up), finetunes it and scores it.
 
-Every arm gets the same task budget: `finetune.router_warmup_steps` router-only steps
-(MoE models) and then the same full-parameter steps on the same batches. `router_norm`
-spends part of its full-parameter steps finetuning the source (it needs a finetuned
-router) and the rest on the pruned model; `progressive_dropping` finetunes the source
-while dropping experts.
+Every arm gets the same task budget, `finetune.steps` steps on the same batches (`recipe`
+says which, and `Study.recipes` lists them): a reference (the source, every size from
+scratch, dense) trains everything for all of them; a pruned model first trains only its
+router for `finetune.router_warmup_steps` steps (at `router_warmup_learning_rate`: the
+paper's warm-up, a stage of its own so that it is scored), then everything for the rest.
+`router_norm` spends part of its full-parameter steps finetuning the source (it needs a
+finetuned router; that probe trains like a reference) and the rest on the pruned model
+after its warm-up; `progressive_dropping` finetunes the source like a reference while
+dropping experts. The losses are the model's everywhere: LM cross-entropy plus the
+load-balancing and z losses of the MoE layers.
 
 Every stage is cached (`study.cache`): a rerun skips finished stages, a changed setting
 reruns the stages it affects, and an interrupted training stage resumes from its newest
@@ -40,6 +46,7 @@ from uncurl_jax.study import cache as cache_lib
 from uncurl_jax.study import report
 from uncurl_jax.study import stages
 from uncurl_jax.study import training
+from uncurl_jax.study.config import ORACLE
 from uncurl_jax.study.config import PROGRESSIVE_DROPPING
 from uncurl_jax.study.config import MethodSpec
 from uncurl_jax.study.config import StudyConfig
@@ -62,6 +69,8 @@ class RowSpec:
   source: int = 0
   method: MethodSpec | None = None
   before: StageSpec | None = None
+  warmed: StageSpec | None = None
+  recipe: str = ""
 
 
 class Study:
@@ -164,8 +173,11 @@ class Study:
     key = {**key, "train": dataclasses.asdict(settings), "seed": seed, "router_warmup": warmup,
            "dropping": None if dropping is None else dataclasses.asdict(dropping),
            "data_offset": data_offset}
-    compile_key = ("train", num_experts if shape is None else shape, settings.batch_size,
-                   settings.length, warmup, dropping is not None)
+    # A trainer per (model shape, settings, procedure), as `training.StageTrainer` keeps
+    # them: its steps compile once.
+    compile_key = ("train", num_experts if shape is None else shape,
+                   cache_lib.config_key(dataclasses.asdict(settings)), warmup,
+                   dropping is not None)
     return self._model_stage(name, key, run, inputs=[] if init is None else [init],
                              cost=self._work.train_cost(settings), kind="train",
                              compile_key=compile_key,
@@ -185,20 +197,29 @@ class Study:
                        router_warmup=False)
 
   def finetuned(self, task: StudyTask, init: StageSpec, label: str, *, num_experts: int,
-                seed: int, router_warmup: bool = True, dropping=None,
-                full_steps: int | None = None, data_offset: int = 0,
+                seed: int, steps: int | None = None, dropping=None, data_offset: int = 0,
                 shape: Any = None) -> StageSpec:
-    """`init` finetuned on `task`: router-only warm-up steps, then full-parameter steps
-    (`full_steps` of them; default: the finetune settings'), on the task's batches from
-    `data_offset` on (`shape`: see `_train`)."""
+    """`init` finetuned on `task`, every parameter, for `steps` steps (default: the finetune
+    settings' `steps`), on the task's batches from `data_offset` on (`shape`: see
+    `_train`)."""
     settings = self.config.finetune_settings(task)
-    steps = None
-    if full_steps is not None:
-      steps = full_steps + (settings.router_warmup_steps if router_warmup else 0)
+    settings = dataclasses.replace(settings, router_warmup_steps=0,
+                                   steps=settings.steps if steps is None else steps)
     return self._train(f"finetune-{label}-{task.name}", {"task": task.name},
                        num_experts=num_experts, settings=settings, seed=seed, task=task.name,
-                       init=init, router_warmup=router_warmup, dropping=dropping, steps=steps,
+                       init=init, router_warmup=False, dropping=dropping,
                        data_offset=data_offset, shape=shape)
+
+  def router_warmed(self, task: StudyTask, init: StageSpec, label: str, *, num_experts: int,
+                    seed: int, data_offset: int = 0, shape: Any = None) -> StageSpec:
+    """`init` (a pruned model) after the router-only warm-up: `router_warmup_steps` steps
+    at `router_warmup_learning_rate`, every other parameter frozen."""
+    settings = self.config.finetune_settings(task)
+    steps = settings.router_warmup_steps
+    settings = dataclasses.replace(settings, steps=steps, warmup_steps=0)
+    return self._train(f"warmup-{label}-{task.name}", {"task": task.name},
+                       num_experts=num_experts, settings=settings, seed=seed, task=task.name,
+                       init=init, router_warmup=True, data_offset=data_offset, shape=shape)
 
   def _advance(self, units: float) -> None:
     if self._progress is not None:
@@ -216,20 +237,36 @@ class Study:
     return self.cache.plan(f"stats-e{num_experts}-{task.name}", self._work.stats_key(task),
                            work, inputs=[base], cost=self._work.stats_cost(), kind="stats")
 
+  def oracle_selected(self, task: StudyTask, source: StageSpec, pair: tuple[int, int]
+                      ) -> StageSpec:
+    """The oracle arm's experts for `source` at E -> D, chosen on the development split."""
+    def work(directory):
+      return self._work.oracle_select(directory, task, self.model_config(source),
+                                      self.params(source), pair[1])
+    layers = len(configs.with_expert_counts(self.config.model, pair[0]).moe_layers)
+    return self.cache.plan(f"oracle-e{pair[0]}to{pair[1]}-{task.name}",
+                           self._work.oracle_key(task, pair[1]), work, inputs=[source],
+                           cost=self._work.oracle_cost(pair[1], pair[0], layers),
+                           kind="prune", compile_key=("oracle", pair[0]),
+                           compile_cost=self._work.score_compile_cost())
+
   def pruned(self, task: StudyTask, method: MethodSpec, pair: tuple[int, int], seed: int, *,
-             source: StageSpec, stats: StageSpec, pretrained: StageSpec | None = None
-             ) -> StageSpec:
-    """`source` pruned E -> D (`pair`) by `method` (router_norm: also `pretrained`)."""
+             source: StageSpec, stats: StageSpec, pretrained: StageSpec | None = None,
+             selected: StageSpec | None = None) -> StageSpec:
+    """`source` pruned E -> D (`pair`) by `method` (router_norm: also `pretrained`; the
+    oracle: the experts `selected` chose)."""
     def run(directory):
       params, summary = self._work.prune(
           directory, params=self.params(source), config=self.model_config(source),
           stats_dir=stats.directory, method=method, num_experts=pair[1], seed=seed,
-          pretrained_params=None if pretrained is None else self.params(pretrained))
+          pretrained_params=None if pretrained is None else self.params(pretrained),
+          selection=None if selected is None else self.finished(selected).result["selection"])
       params = stages.place_params(params, config=configs.from_dict(summary["model_config"]),
                                    mesh=self.config.runtime.mesh)
       return params, {**summary, "checkpoint": stages.PARAMS_DIR}
     key = self._work.prune_key(method, pair[1], seed)
-    inputs = [source, stats] + ([] if pretrained is None else [pretrained])
+    inputs = ([source, stats] + ([] if pretrained is None else [pretrained])
+              + ([] if selected is None else [selected]))
     return self._model_stage(f"prune-{method.slug}-e{pair[0]}to{pair[1]}-{task.name}", key,
                              run, inputs=inputs, cost=self._work.prune_cost(method),
                              kind="prune")
@@ -261,11 +298,13 @@ class Study:
                      for e in sizes}
         for e in sizes:
           self._row(task, "dense" if e == 0 else "scratch", e, seed,
-                    self.scored(task, finetuned[e], shape=e))
+                    self.scored(task, finetuned[e], shape=e),
+                    before=self.scored(task, bases[e], shape=e),
+                    recipe=self.recipe(task, "reference", moe=e > 0))
         for source in cfg.source_experts:
           self._plan_source(task, source, seed, bases[source])
     for row in self.row_specs:
-      for spec in _with_inputs(row.before, row.score):
+      for spec in _with_inputs(row.before, row.warmed, row.score):
         if spec not in specs:
           specs.append(spec)
     for stats in self.stats_specs.values():
@@ -278,33 +317,85 @@ class Study:
     stats = self.task_stats(task, base, source, seed)
     self.stats_specs[(task.name, seed, source)] = stats
     settings = cfg.finetune_settings(task)
-    full_steps = settings.steps - settings.router_warmup_steps
+    warmup = settings.router_warmup_steps
+    full_steps = settings.steps - warmup
     for size in [d for e, d in cfg.pairs if e == source]:
       for method in cfg.methods:
-        label, before = f"{method.slug}-e{source}to{size}", None
+        label, before, warmed = f"{method.slug}-e{source}to{size}", None, None
         # Bound routers and uneven counts give every pruned model shapes of its own.
         shape = f"{label}-seed{seed}" if method.own_shapes else size
-        if method.method == PROGRESSIVE_DROPPING:
+        if method.method == PROGRESSIVE_DROPPING:  # trains like a reference, dropping
           trained = self.finetuned(task, base, label, num_experts=source, seed=seed,
                                    dropping=dataclasses.replace(cfg.dropping,
                                                                 target_experts=size))
+          recipe = self.recipe(task, "dropping", moe=True, size=size)
         else:
-          source_params, rest, offset, pretrained = base, None, 0, None
+          source_params, offset, pretrained, probe, selected = base, 0, None, 0, None
+          if method.method == ORACLE:
+            selected = self.oracle_selected(task, base, (source, size))
           if method.method == "router_norm":  # its probe finetune counts against its budget
-            probe = min(full_steps - 1, max(1, round(cfg.router_norm_probe_fraction
-                                                     * full_steps)))
+            probe = self.router_norm_probe_steps(task)
             source_params = self.finetuned(task, base, f"{label}-probe", num_experts=source,
-                                           seed=seed, full_steps=probe)
-            rest, pretrained = full_steps - probe, base
-            offset = settings.router_warmup_steps + probe  # it continues the probe's data
+                                           seed=seed, steps=probe)
+            pretrained, offset = base, probe  # it continues the probe's data
           pruned = self.pruned(task, method, (source, size), seed, source=source_params,
-                               stats=stats, pretrained=pretrained)
+                               stats=stats, pretrained=pretrained, selected=selected)
           before = self.scored(task, pruned, shape=shape)
-          trained = self.finetuned(task, pruned, label, num_experts=size, seed=seed,
-                                   router_warmup=rest is None, full_steps=rest,
-                                   data_offset=offset, shape=shape)
+          tuned = pruned
+          if warmup:
+            tuned = self.router_warmed(task, pruned, label, num_experts=size, seed=seed,
+                                       data_offset=offset, shape=shape)
+            warmed = self.scored(task, tuned, shape=shape)
+          trained = self.finetuned(task, tuned, label, num_experts=size, seed=seed,
+                                   steps=full_steps - probe, data_offset=offset + warmup,
+                                   shape=shape)
+          recipe = self.recipe(task, "pruned", moe=True, probe=probe)
         self._row(task, "pruned", size, seed, self.scored(task, trained, shape=shape),
-                  source=source, method=method, before=before)
+                  source=source, method=method, before=before, warmed=warmed, recipe=recipe)
+
+  def router_norm_probe_steps(self, task: StudyTask) -> int:
+    """Full-parameter steps of router_norm's probe finetuning of the source (a fraction
+    of the full-parameter budget, leaving at least one step for the pruned model)."""
+    settings = self.config.finetune_settings(task)
+    full_steps = settings.steps - settings.router_warmup_steps
+    return min(full_steps - 1, max(1, round(self.config.router_norm_probe_fraction
+                                            * full_steps)))
+
+  def recipe(self, task: StudyTask, arm: str, *, moe: bool, probe: int = 0,
+             size: int = 0) -> str:
+    """What an arm's finetuning does, in words (the plan and results.csv show it).
+
+    `arm`: "reference" (every model before pruning), "pruned" (with `probe` steps of
+    router_norm's source finetuning first) or "dropping" (progressive dropping to `size`).
+    """
+    settings = self.config.finetune_settings(task)
+    warmup, lr = settings.router_warmup_steps, settings.learning_rate
+    model = self.config.model
+    losses = (f"losses LM + {model.aux_loss_coef:g} load-balancing + {model.z_loss_coef:g} z"
+              if moe else "loss LM")
+    if arm == "reference":
+      return f"{settings.steps} steps @ {lr:g} all params; {losses}"
+    if arm == "dropping":
+      drops = self.config.dropping
+      return (f"{settings.steps} steps @ {lr:g} all params, experts x{drops.keep_fraction:g} "
+              f"every {drops.drop_every_steps} steps from step {drops.first_drop_step} down "
+              f"to {size}; {losses}")
+    parts = []
+    if probe:
+      parts.append(f"probe: source {probe} steps @ {lr:g} all params")
+    if warmup:
+      warmup_lr = settings.router_warmup_learning_rate or lr
+      parts.append(f"router warm-up {warmup} steps @ {warmup_lr:g} router only")
+    parts.append(f"{settings.steps - warmup - probe} steps @ {lr:g} all params")
+    return f"{', then '.join(parts)}; {losses}"
+
+  def recipes(self) -> dict[str, str]:
+    """{arm: recipe} of the planned rows ("+8e", "32->8 uncurl (reinit)", ...), one per
+    arm (the first task's, seed's)."""
+    out: dict[str, str] = {}
+    for row in self.row_specs:
+      out.setdefault(_arm_label(row), row.recipe)
+    return out
 
   def _row(self, task, kind, num_experts, seed, score, **kwargs) -> None:
     self.row_specs.append(RowSpec(task, kind, num_experts, seed, score, **kwargs))
@@ -329,31 +420,80 @@ class Study:
     self._items = None
     return self.rows
 
-  def items(self) -> dict[tuple[str, str, int], np.ndarray]:
-    """{(task, model label, seed): per-item scores} of the rows whose scores have items;
-    read once per run, and only for one seed (with several, the seeds give the errors)."""
+  def items(self, phase: str = "finetuned") -> dict[tuple[str, str, int], np.ndarray]:
+    """{(task, model label, seed): per-item scores} of the rows whose scores have items,
+    after finetuning or ("one_shot") before it; read once per run, and only for one seed
+    (with several, the seeds give the errors)."""
+    if phase not in ("finetuned", "one_shot"):
+      raise ValueError(f"phase must be 'finetuned' or 'one_shot', got {phase!r}")
     if self._items is None:
       self._items = {}
+    if phase not in self._items:
+      found = self._items[phase] = {}
       if len(self.config.seeds) == 1:
         for spec, row in zip(self.row_specs, self.rows):
-          path = os.path.join(spec.score.directory, stages.ITEMS_FILE)
-          if os.path.exists(path):
-            self._items[(row.task, row.model, row.seed)] = np.load(path)
-    return self._items
+          scored = spec.score if phase == "finetuned" else spec.before
+          path = None if scored is None else os.path.join(scored.directory, stages.ITEMS_FILE)
+          if path is not None and os.path.exists(path):
+            found[(row.task, row.model, row.seed)] = np.load(path)
+    return self._items[phase]
+
+  def router_diagnostics(self) -> list[dict[str, Any]]:
+    """After the warm-up, per pruned arm: the mean top-1 gate on the task's tokens and,
+    for UNCURL with a re-initialized router, the share of tokens whose first choice is the
+    expert the function-preserving merge router (the same experts, `uncurl:merge`)
+    chooses, per MoE layer. Measured on the first seed only."""
+    out = []
+    seed = self.config.seeds[0]
+    for spec, row in zip(self.row_specs, self.rows):
+      if spec.warmed is None or row.seed != seed:
+        continue
+      result = self.finished(spec.warmed).result
+      entry = {"task": row.task, "model": row.model,
+               "mean_top1_gate": result["metrics"].get("mean_top1_gate"),
+               "mean_top1_gate_before": self.finished(spec.before).result["metrics"].get(
+                   "mean_top1_gate"), "agreement": None}
+      if spec.method.method == "uncurl" and spec.method.router == "reinit":
+        merge = next((s for s in self.row_specs if s.seed == seed and s.task == spec.task
+                      and s.method is not None and s.method.method == "uncurl"
+                      and s.method.router == "merge" and s.method.features == spec.method.features
+                      and s.num_experts == spec.num_experts and s.source == spec.source), None)
+        if merge is not None:
+          entry["agreement"] = self._agreement(spec.task, spec.warmed.inputs[0],
+                                               merge.before.inputs[0])
+      out.append(entry)
+    return out
+
+  def _agreement(self, task: StudyTask, model: StageSpec, reference: StageSpec
+                 ) -> dict[str, float]:
+    choices = [stages.top_choices(self._work.router_logits(task, self.model_config(spec),
+                                                           self.params(spec)),
+                                  self.model_config(spec)) for spec in (model, reference)]
+    return {name: float(np.mean(choices[0][name][0] == choices[1][name][0]))
+            for name in choices[0]}
 
   def _result_row(self, row: RowSpec) -> report.ResultRow:
     score = self.done[row.score.key].result
     before = None if row.before is None else self.done[row.before.key].result
+    warmed = None if row.warmed is None else self.done[row.warmed.key].result
     metric = self.config.task_metric(row.task)
+    router = "" if row.method is None else row.method.options
     return report.ResultRow(
         task=row.task.name, kind=row.kind, num_experts=row.num_experts,
         source_experts=row.source, seed=row.seed,
-        method="" if row.method is None else row.method.method,
-        router="" if row.method is None else ", ".join(
-            p for p in (row.method.router, row.method.features) if p),
+        method="" if row.method is None else row.method.method, router=router,
         score=float(score["score"]), metric=metric,
         score_before_finetune=None if before is None else float(before["score"]),
-        secondary=score["metrics"].get(f"{metric}_at_capacity"))
+        score_after_warmup=None if warmed is None else float(warmed["score"]),
+        recipe=row.recipe, secondary=score["metrics"].get(f"{metric}_at_capacity"))
+
+
+def _arm_label(row: RowSpec) -> str:
+  if row.kind == "dense":
+    return "dense"
+  if row.kind == "scratch":
+    return f"+{row.num_experts}e"
+  return f"{row.source}->{row.num_experts} {row.method.label}"
 
 
 def _slug(num_experts: int) -> str:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import seqio
 
@@ -31,6 +33,7 @@ from uncurl_jax import pruning
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
 from uncurl_jax.pruning import features
 from uncurl_jax.train import checkpoints
@@ -87,6 +90,27 @@ def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, 
   return {name: features.selection_frequencies(h, top_k).tolist() for name, h in logits.items()}
 
 
+def top_choices(logits: Mapping[str, np.ndarray], config: configs.ModelConfig
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{MoE layer: (the expert each token's first choice reaches [T], its gate [T])}: the
+  router's softmax over all its columns, the choice among the columns bound to an expert
+  (a bound router's map; every column otherwise), as the model routes."""
+  maps = dict(zip(sorted(logits, key=_layer_index), config.layer_router_maps or ()))
+  out = {}
+  for name, h in logits.items():
+    h = np.asarray(h, np.float64)
+    probs = np.exp(h - h.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    bound = np.asarray(maps[name]) if name in maps else np.arange(h.shape[-1])
+    column = np.argmax(np.where(bound >= 0, probs, -1.0), axis=-1)
+    out[name] = (bound[column], probs[np.arange(len(column)), column])
+  return out
+
+
+def _layer_index(name: str) -> int:
+  return int(name.split("/")[0].rsplit("_", 1)[-1])
+
+
 STATS_FILE = "stats.npz"
 ITEMS_FILE = "items.npy"  # a score stage's per-item scores (accuracy: 0 or 100)
 _STATS_FIELDS = ("logits", "top1_counts", "topk_counts", "reap", "mean_output")
@@ -118,7 +142,8 @@ def load_stats(path: str) -> dict[str, pruning.ExpertStats]:
 
 def prune_model(directory: str, *, params: Any, config: configs.ModelConfig,
                 stats: Mapping[str, pruning.ExpertStats], num_experts: int, method: Any,
-                seed: int, pretrained_params: Any = None) -> tuple[Any, dict]:
+                seed: int, pretrained_params: Any = None,
+                selection: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
   """Prunes `params` to `num_experts` per layer by `method` (a MethodSpec); writes the
   params and the plan.
 
@@ -137,8 +162,11 @@ def prune_model(directory: str, *, params: Any, config: configs.ModelConfig,
   kwargs = {} if pretrained_params is None else {"pretrained_params": pretrained_params}
   if method.features is not None:
     kwargs["features"] = method.features
-  plan = pruning.plan_pruning(host_params, stats, num_experts, method=method.method,
-                              router=method.router, seed=seed,
+  name, count = method.method, num_experts
+  if selection is not None:  # the oracle arm: keep the selected experts, router bound
+    name, count, kwargs["selection"] = "selection", None, selection
+  plan = pruning.plan_pruning(host_params, stats, count, method=name,
+                              router=method.router_used, seed=seed,
                               router_init_std=config.router_init_std or config.init_std,
                               top_k=config.top_k, **kwargs)
   small = pruning.apply_plan(host_params, plan)
@@ -247,12 +275,72 @@ class StageWork:
             "usage": expert_usage({n: s.logits for n, s in stats.items()}, config.top_k)}
 
   def prune(self, directory: str, *, params: Any, config: configs.ModelConfig, stats_dir: str,
-            method, num_experts: int, seed: int, pretrained_params: Any = None
-            ) -> tuple[Any, dict]:
+            method, num_experts: int, seed: int, pretrained_params: Any = None,
+            selection: Mapping[str, Any] | None = None) -> tuple[Any, dict]:
     return prune_model(directory, params=params, config=config,
                        stats=load_stats(os.path.join(stats_dir, STATS_FILE)),
                        num_experts=num_experts, method=method, seed=seed,
-                       pretrained_params=pretrained_params)
+                       pretrained_params=pretrained_params, selection=selection)
+
+  def oracle_key(self, task, num_experts: int) -> dict:
+    cfg = self.config
+    dev_task = cfg.dev_tasks[task.name]
+    return {"dev_task": dev_task, "num_experts": num_experts,
+            "batch_size": cfg.eval_batch_size, "pack": cfg.finetune.pack,
+            "feature_lengths": dict(cfg.finetune.task_feature_lengths),
+            "dropless": cfg.score_dropless, "scored_examples": scored_examples(dev_task)}
+
+  def oracle_cost(self, num_experts: int, source_experts: int, num_layers: int) -> float:
+    calls = num_layers * sum(source_experts - d for d in range(num_experts))
+    return 0.05 * calls  # ~7 ms per dev-split evaluation, in pretraining steps (~0.13 s)
+
+  def oracle_select(self, directory: str, task, config: configs.ModelConfig, params: Any,
+                    num_experts: int) -> dict:
+    """The oracle arm's experts: per layer, `num_experts` chosen greedily to maximise the
+    accuracy on the task's development split (ties: its mean log-likelihood), scored with
+    the gates bound (`pruning.greedy_selection`); written to `directory/selection.json`."""
+    cfg = self.config
+    scored = dataclasses.replace(config, dropless=True) if cfg.score_dropless else config
+    batches = list(pipeline.eval_batches(
+        mixture_or_task_name=cfg.dev_tasks[task.name],
+        task_feature_lengths=dict(cfg.finetune.task_feature_lengths),
+        batch_size=cfg.eval_batch_size, split="validation", pack=cfg.finetune.pack))
+    model = decoder.SMoEDecoder(scored)
+
+    @jax.jit
+    def sums(params, masks, batch):
+      logits = model.apply({"params": params, "routing": masks},
+                           **inputs_lib.module_inputs(batch), enable_dropout=False)
+      weights = batch["decoder_loss_weights"] > 0
+      targets = batch["decoder_target_tokens"]
+      log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      target_log_probs = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+      correct = (jnp.argmax(logits, -1) == targets) & weights
+      return jnp.stack([correct.sum(), weights.sum(), (target_log_probs * weights).sum()])
+
+    host = jax.device_get(params)
+    layers = pruning.find_moe_layers(host)
+
+    def score(masks):
+      tree = {}
+      for name, mask in masks.items():
+        node = tree
+        for part in name.split("/"):
+          node = node.setdefault(part, {})
+        node["column_mask"] = jnp.asarray(mask)
+      total = sum(np.asarray(sums(host, tree, {k: jnp.asarray(v) for k, v in b.items()}))
+                  for b in batches)
+      return (float(total[0] / total[1]), float(total[2] / total[1]))
+    kept, trace = pruning.greedy_selection(
+        score, {name: w.num_experts for name, w in layers.items()},
+        {name: num_experts for name in layers})
+    result = {"selection": {name: list(experts) for name, experts in kept.items()},
+              "dev_accuracy": 100.0 * trace[-1][2][0],
+              "dev_items": int(sum((b["decoder_loss_weights"] > 0).sum() for b in batches)),
+              "trace": [[name, int(expert), 100.0 * value[0]] for name, expert, value in trace]}
+    with open(os.path.join(directory, "selection.json"), "w") as f:
+      json.dump(result, f, indent=1)
+    return result
 
   def score(self, directory: str, task, config: configs.ModelConfig, params: Any) -> dict:
     """The task's metrics (dropless when configured; then also at capacity) and usage; the
@@ -273,12 +361,22 @@ class StageWork:
                        f"{task}; set the task's metric ('task:eval_task:metric')")
     usage = None
     if config.num_experts:
-      logits = pruning.collect_router_logits(decoder.SMoEDecoder(config), params,
-                                             self.task_batches(task),
-                                             max_tokens=cfg.usage_max_tokens, progress=False)
+      logits = self.router_logits(task, config, params)
       usage = expert_usage(logits, config.top_k)
+      gates = {name: float(np.mean(gate)) for name, (_, gate) in
+               top_choices(logits, config).items()}
+      metrics["mean_top1_gate"] = float(np.mean(list(gates.values())))
     return {"metrics": metrics, "score": metrics[metric], "usage": usage,
             "model_config": dataclasses.asdict(config)}
+
+  def router_logits(self, task, config: configs.ModelConfig, params: Any
+                    ) -> dict[str, np.ndarray]:
+    """{MoE layer: [tokens, E]} router logits on the task's (finetuning) tokens, the first
+    `usage_max_tokens` of them."""
+    return pruning.collect_router_logits(decoder.SMoEDecoder(config), params,
+                                         self.task_batches(task),
+                                         max_tokens=self.config.usage_max_tokens,
+                                         progress=False)
 
   def _scorer(self, task):
     if task not in self._scorers:

@@ -86,21 +86,25 @@ class TrainingPhase:
 
 
 def training_phases(*, train_steps: int, router_warmup_steps: int = 0) -> tuple[TrainingPhase, ...]:
-  """The router-only warm-up (if any) followed by full training up to `train_steps`.
+  """The router-only warm-up (if any) followed by full training up to `train_steps`
+  (none when the warm-up takes every step: a router-only run).
 
   Example:
     >>> [p.name for p in training_phases(train_steps=10)]
     ['full']
+    >>> [p.name for p in training_phases(train_steps=10, router_warmup_steps=10)]
+    ['router_warmup']
   """
   if train_steps < 1:
     raise ValueError(f"train_steps must be >= 1, got {train_steps}")
-  if not 0 <= router_warmup_steps < train_steps:
-    raise ValueError(f"router_warmup_steps must be in [0, train_steps={train_steps}), "
+  if not 0 <= router_warmup_steps <= train_steps:
+    raise ValueError(f"router_warmup_steps must be in [0, train_steps={train_steps}], "
                      f"got {router_warmup_steps}")
   full = TrainingPhase("full", router_warmup_steps, train_steps)
   if router_warmup_steps == 0:
     return (full,)
-  return (TrainingPhase("router_warmup", 0, router_warmup_steps, router_only), full)
+  warmup = TrainingPhase("router_warmup", 0, router_warmup_steps, router_only)
+  return (warmup,) if router_warmup_steps == train_steps else (warmup, full)
 
 
 def phase_index(phases: Sequence[TrainingPhase], step: int) -> int:
