@@ -323,3 +323,21 @@ def test_findings_text_lists_verdict_claim_and_evidence():
       "- **holds**: [t, after finetuning] more experts help on the task (the source beats "
       "the same-size model from scratch). one comparison, no correction: +32e - +8e: +5.00 "
       "± 1.96 (95% CI, seeds 5), p = 0.0021, called +")  # t = 7.07, 4 df
+
+
+def test_uncurl_is_compared_with_the_papers_baselines_where_the_study_has_them():
+  """Finding 3 compares UNCURL with frequency pruning (its router sliced, 'anchor') and
+  frequency-based merging (its router re-initialized) as the paper runs them; a stronger
+  variant (frequency with its router bound) is another baseline and does not enter. A study
+  without the paper's variant of a baseline compares with the rows it has."""
+  offsets = {"+32e": 10.0, "+8e": 0.0, "32->8 uncurl (reinit)": 5.0,
+             "32->8 frequency (anchor)": 0.0, "32->8 frequency (bind)": 20.0,
+             "32->8 frequency_merge (reinit)": 0.0}
+  found = _found(statistics.findings(_study(offsets), pairs=[(32, 8)]), variant="paper",
+                 contains="beats frequency")
+  assert len(found) == 1 and found[0].verdict == "holds"
+  assert "frequency (anchor)" in found[0].evidence and "frequency (bind)" not in found[0].evidence
+  del offsets["32->8 frequency (anchor)"]
+  found = _found(statistics.findings(_study(offsets), pairs=[(32, 8)]), variant="paper",
+                 contains="beats frequency")
+  assert "frequency (bind)" in found[0].evidence and found[0].verdict == "does not hold"

@@ -59,6 +59,11 @@ PHASES = ("one_shot", "finetuned")  # findings() judges both, in this order
 PHASE_NAMES = {"one_shot": "one-shot", "finetuned": "after finetuning"}
 PAPER_ROUTER = "reinit"  # the paper's UNCURL variant re-initializes the router
 BASELINES = ("frequency", "frequency_merge")  # methods finding 3 says UNCURL beats
+# Their routers in the paper: frequency pruning slices the router to the kept experts,
+# frequency-based merging re-initializes it. Where a study has those rows, finding 3 is
+# judged against them (stronger variants, e.g. frequency with its router bound, are other
+# baselines than the paper's); otherwise against every row of the method.
+PAPER_BASELINE_ROUTERS = {"frequency": "anchor", "frequency_merge": "reinit"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,10 +405,14 @@ def findings(rows: Sequence[ResultRow], *, pairs: Sequence[tuple[int, int]],
       if pairs:
         e, d = pairs[0]
         variants = _variants(rows, task, phase, (e, d), lower_is_better)
+        candidates = [r for r in rows if r.task == task and r.kind == "pruned"
+                      and r.method in BASELINES and (r.source_experts, r.num_experts) == (e, d)
+                      and _phase_score(r, phase) is not None]
+        papers = {r.method for r in candidates
+                  if r.router == PAPER_BASELINE_ROUTERS.get(r.method)}
         baselines = list(dict.fromkeys(
-            r.model for r in rows if r.task == task and r.kind == "pruned"
-            and r.method in BASELINES and (r.source_experts, r.num_experts) == (e, d)
-            and _phase_score(r, phase) is not None))
+            r.model for r in candidates
+            if r.method not in papers or r.router == PAPER_BASELINE_ROUTERS[r.method]))
         for kind, label in variants.items():
           suffix = f" ({_variant_text(kind, label)})"
           claims = (f"{tag} UNCURL {e}->{d} keeps the benefit (beats {_reference(d)} from "
