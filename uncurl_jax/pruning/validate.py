@@ -158,18 +158,23 @@ def options(method: Any, cluster: Any, router: Any, *, has_logits: bool, has_sta
   return spec, router or spec.default_router
 
 
+def per_layer_mapping(name: str, value: Any, layers: Mapping[str, Any], what: str) -> None:
+  """Raises unless `value` is a mapping with one entry per MoE layer of `layers`."""
+  if not isinstance(value, Mapping):
+    raise TypeError(f"{name} must be a mapping {{layer path: {what}}}, got "
+                    f"{type(value).__name__}")
+  missing, extra = sorted(set(layers) - set(value)), sorted(set(value) - set(layers))
+  if missing or extra:
+    raise ValueError(f"{name} must have one entry per MoE layer {sorted(layers)}: missing "
+                     f"{missing}, extra {extra}")
+
+
 def selection(kept: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
               ) -> dict[str, tuple[int, ...]] | None:
   """{layer: sorted distinct expert indices in [0, E)}, one non-empty entry per MoE layer."""
   if kept is None:
     return None
-  if not isinstance(kept, Mapping):
-    raise TypeError(f"selection must be a mapping {{layer path: expert indices}}, got "
-                    f"{type(kept).__name__}")
-  missing, extra = sorted(set(layers) - set(kept)), sorted(set(kept) - set(layers))
-  if missing or extra:
-    raise ValueError(f"selection must have one entry per MoE layer {sorted(layers)}: missing "
-                     f"{missing}, extra {extra}")
+  per_layer_mapping("selection", kept, layers, "expert indices")
   out = {}
   for name, weights in layers.items():
     experts = np.asarray(kept[name])
@@ -190,13 +195,7 @@ def router_logits(logits: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
   """
   if logits is None:
     return None
-  if not isinstance(logits, Mapping):
-    raise TypeError(f"logits must be a mapping {{layer path: [tokens, E] array or "
-                    f"ExpertStats}}, got {type(logits).__name__}")
-  missing, extra = sorted(set(layers) - set(logits)), sorted(set(logits) - set(layers))
-  if missing or extra:
-    raise ValueError(f"logits must have one entry per MoE layer {sorted(layers)}: missing "
-                     f"{missing}, extra {extra}")
+  per_layer_mapping("logits", logits, layers, "[tokens, E] array or ExpertStats")
   return {name: float_matrix(f"logits[{name!r}]", _logits_of(logits[name]),
                              columns=weights.num_experts)
           for name, weights in layers.items()}
