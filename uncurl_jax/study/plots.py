@@ -105,7 +105,10 @@ def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> N
                         and r.method in FRAME_ARMS}, reverse=True)
         low, high = ([_estimate_or_nan(summary, (task, f"{source}->{d} {frames[m]}"))[0]
                       for d in sizes] for m in FRAME_ARMS)
-        axis.fill_between([source / d for d in sizes], low, high, color="0.85", zorder=0,
+        x = [source / d for d in sizes]
+        if len(x) == 1:  # one factor: a band around it
+          x, low, high = [x[0] / 1.12, x[0] * 1.12], low * 2, high * 2
+        axis.fill_between(x, low, high, color="0.85", zorder=0,
                           label=f"{prefix}floor (experts off) to ceiling (oracle)")
       for label in labels:
         if label in frames.values() and len(frames) == len(FRAME_ARMS):
