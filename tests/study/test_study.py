@@ -245,6 +245,11 @@ def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
     (dict(finetune_steps={"other_task": 3}), "not in tasks"),
     (dict(methods=[]), "methods is empty"),
     (dict(methods=["pruning_by_magic"]), "unknown method"),
+    (dict(finetune=TrainSettings(task_feature_lengths={"targets": 32}, steps=4, batch_size=8,
+                                 learning_rate=1e-2, router_warmup_steps=3)),
+     "leaves 1 full-parameter"),
+    (dict(methods=["oracle"]), "dev_tasks"),
+    (dict(dev_tasks={"other_task": "synthetic_lm_code"}), "not in tasks"),
     (dict(methods=["uncurl:sideways"]), "router option"),
     (dict(methods=["progressive_dropping:anchor"]), "router option"),
     (dict(methods=["progressive_dropping"]), "needs StudyConfig.dropping"),
@@ -321,11 +326,11 @@ def test_pairs_and_per_task_finetuning_steps(tmp_path):
                                     batch_size=4, learning_rate=1.0, warmup_steps=3,
                                     router_warmup_steps=1)
   config = _config(tmp_path, source_experts=[32, 64, 128], pruned_experts=[8, 32, 64],
-                   finetune=finetune_settings, finetune_steps={TASK: 2})
+                   finetune=finetune_settings, finetune_steps={TASK: 3})
   # The paper's six pairs.
   assert config.pairs == ((32, 8), (64, 8), (64, 32), (128, 8), (128, 32), (128, 64))
   settings = config.finetune_settings(config.tasks[0])
-  assert settings.steps == 2 and settings.warmup_steps == 1  # capped to 2 - 1 router step
+  assert settings.steps == 3 and settings.warmup_steps == 2  # capped to 3 - 1 router step
   assert _config(tmp_path).finetune_settings(config.tasks[0]).steps == 4
 
 

@@ -344,8 +344,8 @@ register(Method(
 register(Method(
     "experts_off", merges=False, needs_logits=False, default_router="anchor",
     zero_outputs=True,
-    description="the floor: every MoE layer's output zeroed (the D most selected experts "
-                "kept as shapes only)",
+    description="the floor: every MoE layer's output zeroed (the first D experts kept as "
+                "shapes only)",
     group=per_layer(lambda i, name: selection_grouping(
         np.arange(i.targets[name]), i.layers[name].num_experts))))
 

@@ -1,13 +1,15 @@
 """Oracle expert selection: the experts that score best, found greedily with a black-box score.
 
-Not a pruning method (it needs the task's labels and a model to score), but what any
-selection could at best achieve: the study's ceiling arm. Per MoE layer in order, the
+Not a pruning method (it needs the task's labels and a model to score) but an
+approximation of what a selection could at best achieve: the study's ceiling arm (greedy
+forward selection is not the optimum, and a small scoring split adds noise). Per MoE layer
+in order, the
 kept set grows from empty one expert at a time, each time by the expert whose addition
 scores highest; the layers not visited yet keep every expert, the visited ones their
 selection. The score sees 0/1 masks over each layer's router columns; evaluated with the
-gates bound (the model's `routing`/`column_mask`, `router.route_tokens`), a mask is
-exactly the pruned model that keeps those experts with its router bound (method
-"selection", router "bind").
+gates bound (the model's `routing`/`column_mask`, `router.route_tokens`) and without
+dropping tokens, a mask is exactly the pruned model that keeps those experts with its
+router bound (method "selection", router "bind").
 
 Example:
   >>> kept, trace = greedy_selection(dev_score, {"layers_0/mlp": 32, "layers_2/mlp": 32},

@@ -39,8 +39,9 @@ from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
 
 PROGRESSIVE_DROPPING = "progressive_dropping"
-# The ceiling arm: per layer the experts chosen greedily to score best on the task's
-# development split (`pruning.greedy_selection`), kept with their router columns bound.
+# The ceiling arm (approximate: a greedy choice): per layer the experts chosen greedily to
+# score best on the task's development split (`pruning.greedy_selection`), kept with their
+# router columns bound.
 ORACLE = "oracle"
 STUDY_ARMS = (PROGRESSIVE_DROPPING, ORACLE)  # arms that are not pruning methods
 DEFAULT_METHODS = ("uncurl:reinit", "uncurl:anchor", "uncurl:merge", "frequency",
@@ -334,7 +335,13 @@ class StudyConfig:
     if unknown:
       raise ValueError(f"finetune_steps names tasks {unknown} that are not in tasks")
     for task in self.tasks:
-      self.finetune_settings(task)  # validates per-task steps
+      settings = self.finetune_settings(task)  # validates per-task steps
+      if settings.steps - settings.router_warmup_steps < 2:
+        raise ValueError(f"finetuning {task.name} for {settings.steps} steps with "
+                         f"{settings.router_warmup_steps} router warm-up steps leaves "
+                         f"{settings.steps - settings.router_warmup_steps} full-parameter "
+                         "steps; a pruned arm needs at least 2 (router_norm: a probe and a "
+                         "rest)")
     if self.pretrain.mixture_or_task_name is None:
       raise ValueError("StudyConfig.pretrain needs a mixture_or_task_name (the LM data)")
     if self.finetune.mixture_or_task_name is not None:

@@ -252,7 +252,9 @@ def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None
       frequency = [r for r in rows if r.task == task and r.kind == "pruned"
                    and r.method == "frequency" and (r.source_experts, r.num_experts)
                    == (row.source_experts, row.num_experts)]
-      frequency.sort(key=lambda r: (r.router != "", r.router != row.router))
+      # The paper's frequency pruning (a sliced router) where the study has it.
+      paper_router = statistics.PAPER_BASELINE_ROUTERS["frequency"]
+      frequency.sort(key=lambda r: (r.router not in ("", paper_router), r.router != row.router))
       references = (reference_label(row), f"+{row.source_experts}e",
                     frequency[0].model if frequency else None)
       cells = []
@@ -279,29 +281,6 @@ def pairs_of(rows: Sequence[ResultRow]) -> list[tuple[int, int]]:
   """The (E, D) pairs the pruned rows cover, largest source first, then by D."""
   return sorted({(r.source_experts, r.num_experts) for r in rows if r.kind == "pruned"},
                 key=lambda pair: (-pair[0], -pair[1]))
-
-
-def main(argv: Sequence[str]) -> None:
-  """`python -m uncurl_jax.study.report results.csv ...`: tables and findings over runs.
-
-  Reads the result files of several runs (e.g. of different seeds, or one multi-seed
-  study) and prints the table (mean ± SE), the paired differences and the findings.
-  """
-  paths = argv[1:]
-  if not paths:
-    raise SystemExit("usage: python -m uncurl_jax.study.report RESULTS_CSV [RESULTS_CSV ...]")
-  rows = [row for path in paths for row in read_csv(path)]
-  print(f"{len(rows)} results from {len(paths)} files; seeds "
-        f"{sorted({r.seed for r in rows})}.\n")
-  print(markdown_table(rows))
-  print("\nPaired differences:\n")
-  print(differences_table(rows))
-  print("\nFindings:\n")
-  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows))))
-
-
-if __name__ == "__main__":
-  main(sys.argv)
 
 
 PHASES = (("before finetuning", "score_before_finetune"),
@@ -365,3 +344,26 @@ def router_table(entries: Sequence[Mapping]) -> str:
                  f"{number(entry.get('mean_top1_gate_before'))} | "
                  f"{number(entry.get('mean_top1_gate'))} | {agrees} |")
   return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m uncurl_jax.study.report results.csv ...`: tables and findings over runs.
+
+  Reads the result files of several runs (e.g. of different seeds, or one multi-seed
+  study) and prints the table (mean ± SE), the paired differences and the findings.
+  """
+  paths = argv[1:]
+  if not paths:
+    raise SystemExit("usage: python -m uncurl_jax.study.report RESULTS_CSV [RESULTS_CSV ...]")
+  rows = [row for path in paths for row in read_csv(path)]
+  print(f"{len(rows)} results from {len(paths)} files; seeds "
+        f"{sorted({r.seed for r in rows})}.\n")
+  print(markdown_table(rows))
+  print("\nPaired differences:\n")
+  print(differences_table(rows))
+  print("\nFindings:\n")
+  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows))))
+
+
+if __name__ == "__main__":
+  main(sys.argv)

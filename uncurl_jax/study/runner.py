@@ -453,7 +453,7 @@ class Study:
                "mean_top1_gate": result["metrics"].get("mean_top1_gate"),
                "mean_top1_gate_before": self.finished(spec.before).result["metrics"].get(
                    "mean_top1_gate"), "agreement": None}
-      if spec.method.method == "uncurl" and spec.method.router == "reinit":
+      if spec.method.method == "uncurl" and spec.method.router_used == "reinit":
         merge = next((s for s in self.row_specs if s.seed == seed and s.task == spec.task
                       and s.method is not None and s.method.method == "uncurl"
                       and s.method.router == "merge" and s.method.features == spec.method.features

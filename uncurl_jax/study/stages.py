@@ -288,7 +288,7 @@ class StageWork:
     return {"dev_task": dev_task, "num_experts": num_experts,
             "batch_size": cfg.eval_batch_size, "pack": cfg.finetune.pack,
             "feature_lengths": dict(cfg.finetune.task_feature_lengths),
-            "dropless": cfg.score_dropless, "scored_examples": scored_examples(dev_task)}
+            "dropless": True, "scored_examples": scored_examples(dev_task)}
 
   def oracle_cost(self, num_experts: int, source_experts: int, num_layers: int) -> float:
     calls = num_layers * sum(source_experts - d for d in range(num_experts))
@@ -300,7 +300,9 @@ class StageWork:
     accuracy on the task's development split (ties: its mean log-likelihood), scored with
     the gates bound (`pruning.greedy_selection`); written to `directory/selection.json`."""
     cfg = self.config
-    scored = dataclasses.replace(config, dropless=True) if cfg.score_dropless else config
+    # Dropless: a mask over E columns routes like the bound D-expert model only when no
+    # token is dropped (capacity is computed for E experts here, for D there).
+    scored = dataclasses.replace(config, dropless=True)
     batches = list(pipeline.eval_batches(
         mixture_or_task_name=cfg.dev_tasks[task.name],
         task_feature_lengths=dict(cfg.finetune.task_feature_lengths),
@@ -309,8 +311,9 @@ class StageWork:
 
     @jax.jit
     def sums(params, masks, batch):
-      logits = model.apply({"params": params, "routing": masks},
-                           **inputs_lib.module_inputs(batch), enable_dropout=False)
+      logits = model.apply({"params": params, "routing": masks}, **inputs_lib.module_inputs(
+          batch, inputs_bidirectional_attention=scored.inputs_bidirectional_attention),
+                           enable_dropout=False)
       weights = batch["decoder_loss_weights"] > 0
       targets = batch["decoder_target_tokens"]
       log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -318,8 +321,9 @@ class StageWork:
       correct = (jnp.argmax(logits, -1) == targets) & weights
       return jnp.stack([correct.sum(), weights.sum(), (target_log_probs * weights).sum()])
 
-    host = jax.device_get(params)
-    layers = pruning.find_moe_layers(host)
+    found = pruning.find_moe_layers(jax.device_get(params))
+    layers = {name: found[name] for name in sorted(found, key=_layer_index)}  # model order
+    device_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
 
     def score(masks):
       tree = {}
@@ -328,8 +332,7 @@ class StageWork:
         for part in name.split("/"):
           node = node.setdefault(part, {})
         node["column_mask"] = jnp.asarray(mask)
-      total = sum(np.asarray(sums(host, tree, {k: jnp.asarray(v) for k, v in b.items()}))
-                  for b in batches)
+      total = sum(np.asarray(sums(params, tree, b)) for b in device_batches)
       return (float(total[0] / total[1]), float(total[2] / total[1]))
     kept, trace = pruning.greedy_selection(
         score, {name: w.num_experts for name, w in layers.items()},
