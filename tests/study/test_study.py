@@ -410,7 +410,8 @@ def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):
   block docs/study.md shows; references have no warm-up stage and train every parameter
   for all finetuning steps; every pruned arm but progressive dropping has a router-only
   warm-up stage of router_warmup_steps, scored, then full steps that make up the budget;
-  every arm is scored before finetuning, except progressive dropping (no one-shot model)."""
+  every arm is scored before finetuning (progressive dropping: the intact source it starts
+  from)."""
   study = _default_study(tmp_path)
   study.plan()
   assert study_report.recipes_text(study.recipes()).strip("\n") == _recipes_in_docs()
@@ -435,10 +436,9 @@ def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):
       assert trained.config["train"]["steps"] == settings.steps
       assert trained.config["router_warmup"] is False
       assert "warm-up" not in row.recipe
-      if row.kind == "pruned":
-        assert row.before is None and trained.config["dropping"] is not None
-      else:
-        assert row.before.inputs[0].name.startswith("pretrain-")
+      if row.kind == "pruned":  # progressive dropping starts from the intact source
+        assert trained.config["dropping"] is not None
+      assert row.before.inputs[0].name.startswith("pretrain-")
       continue
     assert names[:3] == ["finetune", "warmup", "prune"], names
     full, warm = chain[0], chain[1]

@@ -328,6 +328,8 @@ class Study:
           trained = self.finetuned(task, base, label, num_experts=source, seed=seed,
                                    dropping=dataclasses.replace(cfg.dropping,
                                                                 target_experts=size))
+          # Before its finetuning it is the intact source (the source's own score stage).
+          before = self.scored(task, base, shape=source)
           recipe = self.recipe(task, "dropping", moe=True, size=size)
         else:
           source_params, offset, pretrained, probe, selected = base, 0, None, 0, None
