@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import io
 import os
+import re
 
 import gin
 import jax
@@ -131,6 +132,11 @@ def test_rerun_skips_every_stage_and_gives_the_same_rows(runs):
   assert output.startswith("Study 'mini': seeds [0]")
   assert "to run, " in output.splitlines()[1] and " 0 to run" in output.splitlines()[1]
   assert "%|" not in output and "After finetuning" in output
+  # The plan lists every arm's recipe before anything runs (docs/study.md says so).
+  plan, _ = output.split("After finetuning", 1)
+  assert "Arms and their finetuning" in plan
+  assert re.search(r"4->2 uncurl \(reinit\) +router warm-up 1 steps @ 0.01 router only", plan)
+  assert re.search(r"\+4e +4 steps @ 0.01 all params", plan)
 
 
 def test_added_method_runs_only_its_stages(runs):
@@ -345,6 +351,25 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
   assert config.pairs
   names = {m.method for m in config.methods}
   assert {"uncurl", "frequency"} <= names
+
+
+def test_top_choices_route_as_the_model_bound_or_not():
+  """The usage diagnostics' first choices: among a bound router's columns only, gate = the
+  E-way softmax probability, the expert = the column's binding (numpy reference)."""
+  rng = np.random.default_rng(0)
+  logits = {"layers_0/mlp": rng.normal(size=(50, 4)), "layers_2/mlp": rng.normal(size=(50, 4))}
+  config = configs.get("tiny", num_layers=4, num_experts=4, layer_num_experts=(2, 2),
+                       layer_router_maps=((0, -1, 1, -1), (1, 0, -1, -1)))
+  for name, bound in zip(logits, ((0, -1, 1, -1), (1, 0, -1, -1))):
+    h = logits[name]
+    probs = np.exp(h) / np.exp(h).sum(-1, keepdims=True)
+    column = np.argmax(np.where(np.asarray(bound) >= 0, probs, -1), -1)
+    experts, gates = study_stages.top_choices(logits, config)[name]
+    np.testing.assert_array_equal(experts, np.asarray(bound)[column])
+    np.testing.assert_allclose(gates, probs[np.arange(50), column], rtol=1e-5)
+  plain = configs.get("tiny", num_layers=4, num_experts=4)
+  experts, _ = study_stages.top_choices(logits, plain)["layers_2/mlp"]
+  np.testing.assert_array_equal(experts, np.argmax(logits["layers_2/mlp"], -1))
 
 
 def test_pruned_params_are_placed_like_restored_ones(tmp_path):

@@ -273,7 +273,7 @@ def as_tuples(value: Any) -> Any:
   return tuple(as_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-def _block_index(path: str) -> int:
+def block_index(path: str) -> int:
   """The block of an MoE layer path such as 'layers_4/mlp'."""
   head = str(path).split("/")[0]
   if not head.startswith("layers_") or not head[len("layers_"):].isdigit():
@@ -312,7 +312,7 @@ def with_expert_counts(config: ModelConfig,
     if not counts:
       return _same_or(config, dataclasses.replace(config, num_experts=0, layer_num_experts=None,
                                                   layer_router_maps=None))
-    by_block = {_block_index(path): count for path, count in counts.items()}
+    by_block = {block_index(path): count for path, count in counts.items()}
     if sorted(by_block) != list(blocks):
       raise ValueError(f"expert counts name MoE blocks {sorted(by_block)}, the model config "
                        f"places them at {list(blocks)} (moe_every={config.moe_every}, "

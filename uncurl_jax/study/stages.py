@@ -35,6 +35,7 @@ from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
 from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
+from uncurl_jax.model import router as router_lib
 from uncurl_jax.pruning import features
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
@@ -92,23 +93,17 @@ def expert_usage(logits: Mapping[str, np.ndarray], top_k: int = 1) -> dict[str, 
 
 def top_choices(logits: Mapping[str, np.ndarray], config: configs.ModelConfig
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """{MoE layer: (the expert each token's first choice reaches [T], its gate [T])}: the
-  router's softmax over all its columns, the choice among the columns bound to an expert
-  (a bound router's map; every column otherwise), as the model routes."""
-  maps = dict(zip(sorted(logits, key=_layer_index), config.layer_router_maps or ()))
+  """{MoE layer: (the expert each token's first choice reaches [T], its gate [T])}, routed
+  as the model routes (`router.route_tokens` with the layer's own config: a bound router's
+  map, E-way gates), without capacity."""
   out = {}
   for name, h in logits.items():
-    h = np.asarray(h, np.float64)
-    probs = np.exp(h - h.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    bound = np.asarray(maps[name]) if name in maps else np.arange(h.shape[-1])
-    column = np.argmax(np.where(bound >= 0, probs, -1.0), axis=-1)
-    out[name] = (bound[column], probs[np.arange(len(column)), column])
+    layer = config.layer_config(configs.block_index(name))
+    h = jnp.asarray(h, jnp.float32)[None]
+    routing = router_lib.route_tokens(h, top_k=1, capacity=max(h.shape[1], 1),
+                                      expert_map=layer.router_map)
+    out[name] = (np.asarray(routing.expert_index[0, :, 0]), np.asarray(routing.gate[0, :, 0]))
   return out
-
-
-def _layer_index(name: str) -> int:
-  return int(name.split("/")[0].rsplit("_", 1)[-1])
 
 
 STATS_FILE = "stats.npz"
@@ -322,7 +317,7 @@ class StageWork:
       return jnp.stack([correct.sum(), weights.sum(), (target_log_probs * weights).sum()])
 
     found = pruning.find_moe_layers(jax.device_get(params))
-    layers = {name: found[name] for name in sorted(found, key=_layer_index)}  # model order
+    layers = {name: found[name] for name in sorted(found, key=configs.block_index)}
     device_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
 
     def score(masks):
