@@ -139,7 +139,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return FLAGS(rewrite_gin_args(argv))
   except flags.Error as error:
-    _exit_with_message(argv[0] if argv else "uncurl_jax", f"{error}; see --helpfull")
+    exit_with_message(argv[0] if argv else "uncurl_jax", f"{error}; see --helpfull")
 
 
 def set_up_logging(*, verbose: bool) -> None:
@@ -182,7 +182,7 @@ def program_name(argv0: str) -> str:
   return ".".join(parts) or os.path.basename(argv0)
 
 
-def _exit_with_message(program: str, message: str) -> None:
+def exit_with_message(program: str, message: str) -> None:
   print(f"{program_name(program)}: error: {message}", file=sys.stderr)
   sys.exit(USAGE_EXIT_CODE)
 
@@ -354,7 +354,7 @@ class Command:
     except USER_ERRORS as error:
       if FLAGS.is_parsed() and FLAGS.debug:
         raise
-      _exit_with_message(argv[0] if argv else "uncurl_jax", short_message(error))
+      exit_with_message(argv[0] if argv else "uncurl_jax", short_message(error))
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:

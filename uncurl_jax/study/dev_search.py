@@ -152,8 +152,8 @@ def main(argv: Sequence[str]) -> list[Point]:
   cli.set_up_logging(verbose=flags.FLAGS.verbose)
   unknown = sorted(set(_ONLY.value) - {name for name, _, _ in GRID})
   if unknown:
-    cli._exit_with_message(argv[0], f"unknown grid points {unknown}; the grid has "  # pylint: disable=protected-access
-                           f"{[name for name, _, _ in GRID]}")
+    cli.exit_with_message(argv[0], f"unknown grid points {unknown}; the grid has "
+                          f"{[name for name, _, _ in GRID]}")
   points = [measure(name, bindings, varies, stages_dir=_STAGES_DIR.value)
             for name, bindings, varies in GRID if not _ONLY.value or name in _ONLY.value]
   text = summary(points)
