@@ -438,7 +438,8 @@ def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):
   every arm is scored before finetuning (progressive dropping: the intact source it starts
   from)."""
   study = _default_study(tmp_path)
-  study.plan()
+  specs = study.plan()
+  assert len({s.key for s in specs}) == len(specs)     # every stage planned once
   assert study_report.recipes_text(study.recipes()).strip("\n") == _recipes_in_docs()
   settings = study.config.finetune_settings(study.config.tasks[0])
   warmup = settings.router_warmup_steps

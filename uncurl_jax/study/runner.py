@@ -303,13 +303,15 @@ class Study:
                     recipe=self.recipe(task, "reference", moe=e > 0))
         for source in cfg.source_experts:
           self._plan_source(task, source, seed, bases[source])
-    for row in self.row_specs:
-      for spec in _with_inputs(row.before, row.warmed, row.score):
-        if spec not in specs:
-          specs.append(spec)
-    for stats in self.stats_specs.values():
-      if stats not in specs:
-        specs.append(stats)
+    # One spec per stage: two arms may plan the same stage (progressive dropping's score
+    # before finetuning is the source's), and each plan call makes its own StageSpec.
+    keys: set[str] = set()
+    for spec in [s for row in self.row_specs for s in _with_inputs(row.before, row.warmed,
+                                                                  row.score)] + list(
+                                                                      self.stats_specs.values()):
+      if spec.key not in keys:
+        keys.add(spec.key)
+        specs.append(spec)
     return specs
 
   def _plan_source(self, task: StudyTask, source: int, seed: int, base: StageSpec) -> None:
