@@ -50,6 +50,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning  # noqa: E402
 from uncurl_jax.model import configs, moe, partitioning  # noqa: E402
 from uncurl_jax.model.decoder import SMoEDecoder  # noqa: E402
@@ -162,7 +163,7 @@ def _pruned_vs_scratch(args):
   source = jax.device_get(_init(source_cfg, one_device, batch, args.length))
   rng = np.random.default_rng(0)
   logits = {path: rng.normal(size=(4096, 32)).astype(np.float32)
-            for path in pruning.find_moe_layers(source)}
+            for path in model_lib.find_moe_layers(source)}
   pruned = pruning.prune_params(source, logits, 8, method="frequency")
   shardings = partitioning.init_params(SMoEDecoder(target_cfg), jax.random.key(1),
                                        (batch, args.length), mesh)[1]

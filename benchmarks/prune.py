@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uncurl_jax.model import configs
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.pruning import alignment
 from uncurl_jax.pruning import merge
@@ -60,7 +61,7 @@ def synthetic_logits(params: dict, tokens: int, seed: int) -> dict[str, np.ndarr
   """Router logits of random unit-variance tokens, per MoE layer."""
   rng = np.random.default_rng(seed + 1)
   logits = {}
-  for name, weights in pruning.find_moe_layers(params).items():
+  for name, weights in model_lib.find_moe_layers(params).items():
     x = rng.standard_normal((tokens, weights.router_kernel.shape[0]), np.float32)
     logits[name] = x @ np.asarray(weights.router_kernel)
   return logits
@@ -68,7 +69,7 @@ def synthetic_logits(params: dict, tokens: int, seed: int) -> dict[str, np.ndarr
 
 def warm_up(params, target: int, init_std: float) -> None:
   """Compiles the jitted pieces (cost matrix, fresh router) outside the timings."""
-  weights = next(iter(pruning.find_moe_layers(params).values()))
+  weights = next(iter(model_lib.find_moe_layers(params).values()))
   alignment.matching_cost(weights, 0, 1)
   merge_matrix = np.eye(target, weights.num_experts)
   jax.block_until_ready(merge.reindex_router(

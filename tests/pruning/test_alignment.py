@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uncurl_jax.pruning import alignment
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 from uncurl_jax.pruning import merge
 
 D_MODEL, D_FF = 6, 12

@@ -13,9 +13,10 @@ import flax
 import numpy as np
 import pytest
 
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.pruning import alignment
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 
 D_MODEL, D_FF = 6, 10
 
@@ -117,28 +118,28 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("params,want", [
-    (lambda: flaxformer_params(), pruning.T5X_GATED_LAYOUT),
+    (lambda: flaxformer_params(), model_lib.T5X_GATED_LAYOUT),
     (lambda: flaxformer_params(biases=True, router_bias=True), dataclasses.replace(
-        pruning.T5X_GATED_LAYOUT, router_bias="router/router_weights/w/bias",
+        model_lib.T5X_GATED_LAYOUT, router_bias="router/router_weights/w/bias",
         gate_bias="expert/wi_0/bias", wi_bias="expert/wi_1/bias", wo_bias="expert/wo/bias")),
-    (lambda: maxtext_params(), pruning.MAXTEXT_LAYOUT),
+    (lambda: maxtext_params(), model_lib.MAXTEXT_LAYOUT),
     (lambda: maxtext_params(biases=True, routed_bias=True), dataclasses.replace(
-        pruning.MAXTEXT_LAYOUT, router_bias="gate/bias", gate_bias="wi_0_bias",
+        model_lib.MAXTEXT_LAYOUT, router_bias="gate/bias", gate_bias="wi_0_bias",
         wi_bias="wi_1_bias", wo_bias="wo_bias")),
     (lambda: {"mlp": {"router": {"router_weights": {"w": {"kernel": np.zeros((4, 2))}}},
                       "expert": {"wi": {"kernel": np.zeros((2, 4, 3))},
                                  "wo": {"kernel": np.zeros((2, 3, 4))}}}},
-     pruning.T5X_LAYOUT),
+     model_lib.T5X_LAYOUT),
     (lambda: {"mlp": {"router": {"kernel": np.zeros((4, 2))},
                       "expert": {"wi": {"kernel": np.zeros((2, 4, 3)), "bias": np.zeros((2, 3))},
                                  "wo": {"kernel": np.zeros((2, 3, 4)),
                                         "bias": np.zeros((2, 4))}}}},
-     pruning.DEFAULT_LAYOUT),
+     model_lib.DEFAULT_LAYOUT),
 ])
 def test_detect_layout_finds_the_layout_of_each_known_tree(params, want):
   tree = params()
-  assert pruning.detect_layout(tree) == want
-  pruning.find_moe_layers(tree, want)
+  assert model_lib.detect_layout(tree) == want
+  model_lib.find_moe_layers(tree, want)
 
 
 def test_detect_layout_lists_moe_like_paths_when_nothing_fits():
@@ -147,24 +148,24 @@ def test_detect_layout_lists_moe_like_paths_when_nothing_fits():
       "experts": {"w1": np.zeros((4, 8, 6)), "w2": np.zeros((4, 6, 8))}}},
       "embed": np.zeros((10, 6))}}
   with pytest.raises(ValueError, match=r"block_sparse_moe/experts/w1 \(4, 8, 6\)") as error:
-    pruning.detect_layout(hf_style)
+    model_lib.detect_layout(hf_style)
   assert "embed" not in str(error.value)
   scanned = maxtext_params()
   block = scanned["params"]["decoder"]["layers_0"]["MoeBlock_0"]
   block.update({k: np.stack([block[k]] * 3, 1) for k in ("wi_0", "wi_1", "wo")})
   block["gate"]["kernel"] = np.stack([block["gate"]["kernel"]] * 3, 1)
   with pytest.raises(ValueError, match="scanned layers"):
-    pruning.detect_layout(scanned)
+    model_lib.detect_layout(scanned)
 
 
 def test_gate_bias_needs_a_gate_kernel():
   with pytest.raises(ValueError, match="gate_bias"):
-    pruning.MoeLayout(gate_bias="expert/wi_0/bias")
+    model_lib.MoeLayout(gate_bias="expert/wi_0/bias")
 
 
 def test_cost_matrix_includes_the_gate_projection():
-  weights = pruning.find_moe_layers(flaxformer_params(biases=True),
-                                    pruning.detect_layout(flaxformer_params(biases=True)))
+  weights = model_lib.find_moe_layers(flaxformer_params(biases=True),
+                                    model_lib.detect_layout(flaxformer_params(biases=True)))
   layer = weights["decoder/layers_0/mlp"]
   cost, norm_r, norm_m = alignment.matching_cost(layer, 2, 5)
   w = {k: np.asarray(v, np.float64) for k, v in dataclasses.asdict(layer).items()}
@@ -183,7 +184,7 @@ def _gated_permuted_copies(kind, layout):
   the gate: every hidden unit has the same up and down weights, so an alignment that
   ignored the gate could not find the permutations."""
   params = BUILDERS[kind](e=6, biases=True)
-  layers = pruning.find_moe_layers(params, layout)
+  layers = model_lib.find_moe_layers(params, layout)
   rng = np.random.default_rng(3)
   name = next(iter(layers))
   arrays = {f: getattr(layers[name], f) for f in ("gate_kernel", "gate_bias", "wi_kernel",
@@ -209,13 +210,13 @@ def _gated_permuted_copies(kind, layout):
 @pytest.mark.parametrize("kind", ["flaxformer", "maxtext"])
 def test_permuted_gated_copies_merge_back_exactly(kind):
   params = BUILDERS[kind](e=6, biases=True)
-  layout = pruning.detect_layout(params)
+  layout = model_lib.detect_layout(params)
   params, logits, name = _gated_permuted_copies(kind, layout)
-  source = pruning.find_moe_layers(params, layout)[name]
+  source = model_lib.find_moe_layers(params, layout)[name]
   plan = pruning.plan_pruning(params, logits, 2, layout=layout, router="merge")
   assert plan.layers[name].clusters() == [[0, 1, 2], [3, 4, 5]]
   assert all(a.score_after == pytest.approx(1.0, abs=1e-5) for a in plan.layers[name].alignments)
-  merged = pruning.find_moe_layers(pruning.apply_plan(params, plan), layout)[name]
+  merged = model_lib.find_moe_layers(pruning.apply_plan(params, plan), layout)[name]
   for new, anchor in enumerate((0, 3)):
     for field in ("gate_kernel", "gate_bias", "wi_kernel", "wi_bias", "wo_kernel", "wo_bias"):
       np.testing.assert_allclose(getattr(merged, field)[new], getattr(source, field)[anchor],
@@ -226,7 +227,7 @@ def test_permuted_gated_copies_merge_back_exactly(kind):
 @pytest.mark.parametrize("method", ["uncurl", "frequency", "mc_smoe", "random"])
 def test_pruning_gated_experts_to_e_is_the_identity(kind, method):
   params = BUILDERS[kind](biases=True)
-  layout = pruning.detect_layout(params)
+  layout = model_lib.detect_layout(params)
   for router in ("anchor", "merge"):
     out = pruning.prune_params(params, _logits(params, layout), 8, method=method,
                                router=router, layout=layout)
@@ -236,20 +237,20 @@ def test_pruning_gated_experts_to_e_is_the_identity(kind, method):
 @pytest.mark.parametrize("kind", ["flaxformer", "maxtext"])
 def test_pruned_gated_tree_runs_and_keeps_the_kept_experts(kind):
   params = BUILDERS[kind]()
-  layout = pruning.detect_layout(params)
+  layout = model_lib.detect_layout(params)
   logits = _logits(params, layout)
   plan = pruning.plan_pruning(params, logits, 3, layout=layout, method="frequency")
   small = pruning.apply_plan(params, plan)
-  assert pruning.expert_counts(small, layout) == {name: 3 for name in logits}
+  assert model_lib.expert_counts(small, layout) == {name: 3 for name in logits}
   x = np.random.default_rng(5).normal(size=(12, D_MODEL))
-  for name, layer in pruning.find_moe_layers(small, layout).items():
+  for name, layer in model_lib.find_moe_layers(small, layout).items():
     assert layer.gate_kernel.shape == (3, D_MODEL, D_FF)
     y = gated_moe(layer, x, **FORWARDS[kind])
     assert y.shape == x.shape and np.all(np.isfinite(y))
     # Selection keeps whole experts: the pruned layer equals the source layer whose
     # router can choose only the kept experts.
     kept = np.asarray(plan.layers[name].anchors)
-    source = pruning.find_moe_layers(params, layout)[name]
+    source = model_lib.find_moe_layers(params, layout)[name]
     sliced = layout_lib.MoeLayerWeights(**{
         f: None if v is None else (v[:, kept] if f == "router_kernel" else v[kept])
         for f, v in dataclasses.asdict(source).items()})
@@ -258,7 +259,7 @@ def test_pruned_gated_tree_runs_and_keeps_the_kept_experts(kind):
 
 def test_gated_plan_round_trips_json():
   params = flaxformer_params()
-  plan = pruning.plan_pruning(params, _logits(params, pruning.T5X_GATED_LAYOUT), 2,
-                              layout=pruning.T5X_GATED_LAYOUT)
+  plan = pruning.plan_pruning(params, _logits(params, model_lib.T5X_GATED_LAYOUT), 2,
+                              layout=model_lib.T5X_GATED_LAYOUT)
   again = pruning.PrunePlan.from_json(plan.to_json())
-  assert again == plan and again.layout == pruning.T5X_GATED_LAYOUT
+  assert again == plan and again.layout == model_lib.T5X_GATED_LAYOUT

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from uncurl_jax.model import configs
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.pruning import features
 from uncurl_jax.pruning import merge
@@ -360,12 +361,12 @@ def _t5x_params(num_experts=8):
 def test_t5x_layout():
   params = _t5x_params()
   logits = {"decoder/" + name: h for name, h in _logits().items()}
-  plan = pruning.plan_pruning(params, logits, 2, layout=pruning.T5X_LAYOUT)
+  plan = pruning.plan_pruning(params, logits, 2, layout=model_lib.T5X_LAYOUT)
   out = pruning.apply_plan(params, plan)
   layer = out["decoder"]["layers_2"]["mlp"]
   assert layer["router"]["router_weights"]["w"]["kernel"].shape == (D_MODEL, 2)
   assert layer["expert"]["wi"]["kernel"].shape == (2, D_MODEL, D_FF)
-  assert pruning.PrunePlan.from_json(plan.to_json()).layout == pruning.T5X_LAYOUT
+  assert pruning.PrunePlan.from_json(plan.to_json()).layout == model_lib.T5X_LAYOUT
   with pytest.raises(ValueError, match="router/kernel"):
     pruning.plan_pruning(params, logits, 2)  # the default layout does not fit
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.pruning.batches import padded_batches
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.model import configs
 from uncurl_jax.model.decoder import SMoEDecoder
@@ -161,7 +162,7 @@ def test_exact_duplicates_are_grouped_by_their_outputs_and_merge_back_exactly(me
 
 def test_methods_that_need_statistics_refuse_plain_logits_and_bad_statistics():
   params, batches = _init(), _batches(1)
-  logits = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, batches, progress=False)
+  logits = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, batches, progress=False)
   for method, kwargs in (("reap", {}), ("hc_smoe", {}),
                          ("uncurl", {"features": "expert_outputs"})):
     with pytest.raises(ValueError, match="needs expert statistics"):

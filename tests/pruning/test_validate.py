@@ -22,6 +22,7 @@ from tests.pruning.test_plan import LAYERS
 from tests.pruning.test_plan import _logits
 from tests.pruning.test_plan import _params
 from tests.pruning.test_plan import _task
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.pruning import methods
 
@@ -176,7 +177,7 @@ def _with_router_bias(params, scale=1.0):
 @pytest.mark.parametrize("router", pruning.ROUTER_MODES)
 def test_router_bias_is_pruned_with_its_kernel(router):
   params = _with_router_bias(_params())
-  layout = dataclasses.replace(pruning.DEFAULT_LAYOUT, router_bias="router/bias")
+  layout = dataclasses.replace(model_lib.DEFAULT_LAYOUT, router_bias="router/bias")
   plan = pruning.plan_pruning(params, _logits(), 3, method="uncurl", router=router,
                               layout=layout)
   out = pruning.apply_plan(params, plan)

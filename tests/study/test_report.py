@@ -10,7 +10,7 @@ import pytest
 from uncurl_jax.study import plots
 from uncurl_jax.study import report
 from uncurl_jax.study import statistics
-from uncurl_jax.study.report import ResultRow
+from uncurl_jax.study.rows import ResultRow
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,7 @@ import scipy.stats
 
 from uncurl_jax.study import report
 from uncurl_jax.study import statistics
-from uncurl_jax.study.report import ResultRow
+from uncurl_jax.study.rows import ResultRow
 from uncurl_jax.study.statistics import Estimate
 
 T4 = 2.7764  # t(0.975, 4): 5 seeds

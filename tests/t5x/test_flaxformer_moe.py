@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.model import configs
 from uncurl_jax.model import moe
@@ -98,8 +99,8 @@ def test_pruned_flaxformer_geglu_tree_runs_in_the_smaller_flaxformer_layer():
   big = flaxformer_layer(8, 2, 4.0, **geglu)
   params, _ = geglu_tree(big, 8, seed=0)
   tree = {"decoder": {"layers_0": {"mlp": params}}}
-  layout = pruning.detect_layout(tree)
-  assert layout == pruning.T5X_GATED_LAYOUT
+  layout = model_lib.detect_layout(tree)
+  assert layout == model_lib.T5X_GATED_LAYOUT
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2 * 8, LENGTH, D_MODEL)), jnp.float32)
   h = np.asarray(x).reshape(-1, D_MODEL) @ np.asarray(
       params["router"]["router_weights"]["w"]["kernel"])

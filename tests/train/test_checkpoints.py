@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from uncurl_jax.train import checkpoints
-from uncurl_jax import pruning
+from uncurl_jax import model as model_lib
 from uncurl_jax.train import schedules
 from uncurl_jax.train import optim
 from uncurl_jax.model import partitioning
@@ -135,7 +135,7 @@ def test_params_only_checkpoint_shapes_and_restore(tmp_path):
   checkpoints.save_params(tmp_path, params, step=3, metadata={"pruned_from": 16})
   shapes = checkpoints.params_shapes(tmp_path)
   assert shapes["layers_0"]["mlp"]["router"]["kernel"] == jax.ShapeDtypeStruct((4, 8), jnp.float32)
-  assert set(pruning.expert_counts(shapes).values()) == {8}
+  assert set(model_lib.expert_counts(shapes).values()) == {8}
   assert checkpoints.read_metadata(tmp_path) == {"step": 3, "pruned_from": 16}
   mesh = partitioning.make_mesh(data=2, expert=4)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import scipy.special
 
-from uncurl_jax import pruning
+from uncurl_jax import model as model_lib
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import forward
 from uncurl_jax.model import partitioning
 from uncurl_jax.train import __main__ as train_main
 from uncurl_jax.train import checkpoints
@@ -106,7 +107,7 @@ def test_keep_experts_slices_params_and_adam_moments():
   assert jax.tree.structure(small_state) == jax.tree.structure(opt_state)
   mu = small_state[1][0].mu["layers_0"]["mlp"]
   assert mu["router"]["kernel"].shape == (4, 2) and mu["expert"]["wo"]["bias"].shape == (2, 4)
-  assert pruning.expert_counts(small) == {"layers_0/mlp": 2}
+  assert model_lib.expert_counts(small) == {"layers_0/mlp": 2}
 
 
 def _router_shapes(**counts):
@@ -130,7 +131,7 @@ def test_config_follows_the_checkpoint_expert_counts():
   with pytest.raises(ValueError, match=r"name MoE blocks \[0, 4\], the model config places "
                                        r"them at \[0, 2\]"):
     trainer.config_for_params(config, _router_shapes(layers_0=4, layers_4=4), adapt=True)
-  assert pruning.expert_counts({"mlp": {"wi": {"kernel": np.zeros((2, 2))}}}) == {}
+  assert model_lib.expert_counts({"mlp": {"wi": {"kernel": np.zeros((2, 2))}}}) == {}
 
 
 def test_trainer_rejects_impossible_finetuning_setups(tmp_path):
@@ -171,7 +172,7 @@ def test_initial_params_of_another_model_are_refused(pruned_checkpoint, tmp_path
   # Other architecture fields are never adapted: the params-only checkpoint has no saved
   # config, so the differing shapes are named.
   wider = configs.get("tiny", num_experts=4, d_ff=64)
-  with pytest.raises(ValueError, match=r"is of another model: \d+ parameters differ, e.g. "
+  with pytest.raises(ValueError, match=r"and the model differ: \d+ parameters, e.g. "
                                        r"layers_0/mlp/expert/wi/bias \(4, 128\) \(model: "
                                        r"\(4, 64\)\)"):
     _trainer(wider, adapt_experts_to_checkpoint=True).initial_state(
@@ -192,7 +193,7 @@ def pruned_checkpoint(tmp_path_factory):
   tokens = jnp.ones((1, 8))
   params = jax.jit(lambda key: model.init(key, tokens, tokens, enable_dropout=False))(
       jax.random.key(0))["params"]
-  keep = {layer: np.array([1, 3, 4, 6]) for layer in pruning.expert_counts(params)}
+  keep = {layer: np.array([1, 3, 4, 6]) for layer in model_lib.expert_counts(params)}
   pruned = jax.device_get(schedules.keep_experts(params, keep))
   directory = tmp_path_factory.mktemp("pruned")
   checkpoints.save_params(directory, pruned, metadata={"pruned_from": 8})
@@ -286,7 +287,7 @@ def test_progressive_dropping_drops_the_least_proficient_experts_on_schedule(
       gin_files=FINETUNE_FILES + ["gin/runs/progressive_dropping.gin"], gin_bindings=bindings)
   assert [m["num_experts"] for _, m in result.train_metrics] == [4.0, 2.0]
   ckpt_dir = tmp_path / "checkpoints"
-  assert [set(pruning.expert_counts(checkpoints.params_shapes(ckpt_dir, step=s)).values())
+  assert [set(model_lib.expert_counts(checkpoints.params_shapes(ckpt_dir, step=s)).values())
           for s in (1, 2)] == [{4}, {2}]
 
   # Replay the drop at step 1 from the step-1 checkpoint and check it against a reference.
@@ -328,10 +329,10 @@ def test_a_bound_router_checkpoints_saved_config_is_the_same_architecture():
                        num_experts=2, layer_router_maps=((0, -1, 1, 0), (1, 0, -1, -1)))
   saved = json.loads(json.dumps(dataclasses.asdict(config)))
   assert saved["layer_router_maps"] == [[0, -1, 1, 0], [1, 0, -1, -1]]
-  shapes = trainer._param_shapes(config)  # pylint: disable=protected-access
+  shapes = forward.param_shapes(decoder.SMoEDecoder(config))
   params = {k: np.zeros(v) for k, v in shapes.items()}
-  trainer.check_architecture(config, flax.traverse_util.unflatten_dict(params), "ckpt",
-                                 saved)
+  forward.check_params(decoder.SMoEDecoder(config), flax.traverse_util.unflatten_dict(params),
+                       "ckpt", saved_config=saved)
   assert trainer.config_for_params(config, flax.traverse_util.unflatten_dict(params),
                                        adapt=False, saved_config=saved) == config
 

@@ -294,7 +294,7 @@ def with_expert_counts(config: ModelConfig,
       is dense).
     counts: An int for every MoE layer (0: dense); a sequence with one count per MoE
       block of the config; or {MoE layer path ('layers_<i>/...'): count} as
-      `pruning.expert_counts(params)` returns (an empty mapping: dense).
+      `layout.expert_counts(params)` returns (an empty mapping: dense).
 
   Raises:
     ValueError: The counts name other blocks than the config's MoE blocks, or a count < 1.

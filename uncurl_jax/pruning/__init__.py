@@ -1,30 +1,25 @@
 """Task-specific expert pruning of SMoE parameter pytrees (UNCURL and baselines).
 
-The steps are separate modules of pure functions, each usable alone:
-`collect` and `stats` (router logits, the experts' task statistics) -> `features`
+The steps are separate modules of pure functions, each usable alone: router logits
+(`uncurl_jax.model.collect`) and `stats` (the experts' task statistics) -> `features`
 (similarity, selection frequencies) -> `clustering` ->
 `alignment` (Hungarian weight matching) -> `merge` (weighted averaging, router
 re-indexing). `methods` is the registry of pruning methods, `validate` checks the
-arguments, `layout` finds MoE layers in a params tree, `oracle` selects experts greedily by a
+arguments (MoE layers are found by `uncurl_jax.model.layout`), `oracle` selects experts greedily by a
 black-box score (the study's ceiling). `plan_pruning` composes the
 deciding part into a `PrunePlan`, `apply_plan` executes one; `prune_params` does both.
 
+This package's list is the pruning API; the MoE-layer layouts `plan_pruning(layout=...)`
+takes and `collect_router_logits` belong to `uncurl_jax.model` (its `__all__`), as do
+`find_moe_layers` and `expert_counts`.
+
 Example:
-  >>> from uncurl_jax import pruning
-  >>> logits = pruning.collect_router_logits(model, params, batches, max_tokens=65536)
+  >>> from uncurl_jax import model, pruning
+  >>> logits = model.collect_router_logits(decoder, params, batches, max_tokens=65536)
   >>> small_params = pruning.prune_params(params, logits, 8, method="uncurl")
 """
 from uncurl_jax.pruning.clustering import CLUSTER_METHODS
-from uncurl_jax.pruning.collect import collect_router_logits
 from uncurl_jax.pruning.features import ExpertStats
-from uncurl_jax.pruning.layout import DEFAULT_LAYOUT
-from uncurl_jax.pruning.layout import MAXTEXT_LAYOUT
-from uncurl_jax.pruning.layout import T5X_GATED_LAYOUT
-from uncurl_jax.pruning.layout import T5X_LAYOUT
-from uncurl_jax.pruning.layout import MoeLayout
-from uncurl_jax.pruning.layout import detect_layout
-from uncurl_jax.pruning.layout import expert_counts
-from uncurl_jax.pruning.layout import find_moe_layers
 from uncurl_jax.pruning.merge import ROUTER_MODES
 from uncurl_jax.pruning.methods import METHODS
 from uncurl_jax.pruning.methods import Method
@@ -43,26 +38,17 @@ from uncurl_jax.pruning.validate import default_num_experts
 
 __all__ = [
     "CLUSTER_METHODS",
-    "DEFAULT_LAYOUT",
-    "MAXTEXT_LAYOUT",
     "METHODS",
     "ROUTER_MODES",
-    "T5X_GATED_LAYOUT",
-    "T5X_LAYOUT",
     "ExpertAlignment",
     "ExpertStats",
     "LayerPlan",
     "Method",
     "MethodInputs",
-    "MoeLayout",
     "PrunePlan",
     "apply_plan",
     "collect_expert_stats",
-    "collect_router_logits",
     "default_num_experts",
-    "detect_layout",
-    "expert_counts",
-    "find_moe_layers",
     "greedy_selection",
     "plan_pruning",
     "prune_params",

@@ -41,7 +41,7 @@ import numpy as np
 import scipy.optimize
 from absl import logging
 
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ import numpy as np
 
 from uncurl_jax.pruning import clustering
 from uncurl_jax.pruning import features
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 
 @dataclasses.dataclass(frozen=True)
 class Grouping:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from uncurl_jax import checks
 from uncurl_jax.pruning import clustering
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
-from uncurl_jax.pruning import validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +47,15 @@ class ExpertAlignment:
   score_after: float
 
   def __post_init__(self):
-    validate.integer("ExpertAlignment.member", self.member, low=0)
-    validate.integer("ExpertAlignment.reference", self.reference, low=0)
+    checks.integer("ExpertAlignment.member", self.member, low=0)
+    checks.integer("ExpertAlignment.reference", self.reference, low=0)
     permutation = _int_tuple("ExpertAlignment.permutation", self.permutation)
     if sorted(permutation) != list(range(len(permutation))):
       raise ValueError(f"ExpertAlignment.permutation of expert {self.member} is not a "
                        f"permutation of 0..{len(permutation) - 1}")
     object.__setattr__(self, "permutation", permutation)
     for name in ("score_before", "score_after"):
-      object.__setattr__(self, name, validate.real(f"ExpertAlignment.{name}",
+      object.__setattr__(self, name, checks.real(f"ExpertAlignment.{name}",
                                                    getattr(self, name)))
 
 
@@ -83,7 +83,7 @@ class LayerPlan:
   alignments: tuple[ExpertAlignment, ...] = ()
 
   def __post_init__(self):
-    e = validate.integer("LayerPlan.num_experts", self.num_experts, low=1)
+    e = checks.integer("LayerPlan.num_experts", self.num_experts, low=1)
     labels = _int_tuple("LayerPlan.labels", self.labels, length=e)
     anchors = _int_tuple("LayerPlan.anchors", self.anchors)
     d = len(anchors)
@@ -190,16 +190,16 @@ class PrunePlan:
   layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT
 
   def __post_init__(self):
-    validate.choice("PrunePlan.method", self.method, methods_lib.names())
-    validate.choice("PrunePlan.router", self.router, merge_lib.ROUTER_MODES)
-    validate.integer("PrunePlan.seed", self.seed, low=0)
-    object.__setattr__(self, "router_init_std", validate.real(
+    checks.choice("PrunePlan.method", self.method, methods_lib.names())
+    checks.choice("PrunePlan.router", self.router, merge_lib.ROUTER_MODES)
+    checks.integer("PrunePlan.seed", self.seed, low=0)
+    object.__setattr__(self, "router_init_std", checks.real(
         "PrunePlan.router_init_std", self.router_init_std, positive=True))
     if self.cluster is not None:
-      validate.choice("PrunePlan.cluster", self.cluster, clustering.CLUSTER_METHODS)
+      checks.choice("PrunePlan.cluster", self.cluster, clustering.CLUSTER_METHODS)
     if self.features is not None:
-      validate.choice("PrunePlan.features", self.features, methods_lib.FEATURES)
-    validate.integer("PrunePlan.top_k", self.top_k, low=1)
+      checks.choice("PrunePlan.features", self.features, methods_lib.FEATURES)
+    checks.integer("PrunePlan.top_k", self.top_k, low=1)
     if not isinstance(self.layout, layout_lib.MoeLayout):
       raise TypeError(f"PrunePlan.layout must be a MoeLayout, got {type(self.layout).__name__}")
     if not isinstance(self.layers, dict) or not self.layers:
@@ -248,7 +248,7 @@ class PrunePlan:
     except json.JSONDecodeError as error:
       raise ValueError(f"PrunePlan.from_json: the text is not JSON ({error})") from None
     data = _fields(data, cls, "PrunePlan")
-    layers = validate.mapping("PrunePlan.layers", data.pop("layers"))
+    layers = checks.mapping("PrunePlan.layers", data.pop("layers"))
     layers = {name: _layer_from_dict(layer, name) for name, layer in layers.items()}
     layout = layout_lib.MoeLayout(**_fields(data.pop("layout"), layout_lib.MoeLayout,
                                             "PrunePlan.layout"))
@@ -278,7 +278,7 @@ def _fields(data: Any, cls: type, where: str) -> dict[str, Any]:
 def _int_tuple(name: str, values: Any, *, length: int | None = None) -> tuple[int, ...]:
   if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, np.ndarray)):
     raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
-  ints = tuple(validate.integer(f"{name}[{i}]", v) for i, v in enumerate(values))
+  ints = tuple(checks.integer(f"{name}[{i}]", v) for i, v in enumerate(values))
   if length is not None and len(ints) != length:
     raise ValueError(f"{name} has {len(ints)} entries, expected E={length}")
   return ints
@@ -289,7 +289,7 @@ def _float_tuple(name: str, values: Any, *, length: int) -> tuple[float, ...]:
     raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
   if len(values) != length:
     raise ValueError(f"{name} has {len(values)} entries, expected E={length}")
-  return tuple(validate.real(f"{name}[{i}]", v) for i, v in enumerate(values))
+  return tuple(checks.real(f"{name}[{i}]", v) for i, v in enumerate(values))
 
 
 def _layer_from_dict(data: Any, name: str) -> LayerPlan:

@@ -6,8 +6,8 @@ the members to their references -> merge weights -> the `PrunePlan`. `apply_plan
 executes a plan on the arrays.
 
 Example:
-  >>> from uncurl_jax import pruning
-  >>> logits = pruning.collect_router_logits(model, params, task_batches, max_tokens=65536)
+  >>> from uncurl_jax import model as model_lib, pruning
+  >>> logits = model_lib.collect_router_logits(model, params, task_batches, max_tokens=65536)
   >>> plan = pruning.plan_pruning(params, logits, 8, method="uncurl", router="anchor")
   >>> small_params = pruning.apply_plan(params, plan)
   >>> small_model = SMoEDecoder(pruning.pruned_config(config, plan))
@@ -25,10 +25,11 @@ import jax
 import numpy as np
 from absl import logging
 
+from uncurl_jax import checks
 from uncurl_jax.model import configs
 from uncurl_jax.pruning import alignment as alignment_lib
 from uncurl_jax.pruning import features as features_lib
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
 from uncurl_jax.pruning import validate
@@ -102,7 +103,7 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
   """
   validate.scalars(seed=seed, router_init_std=router_init_std, num_workers=num_workers,
                    layout=layout, timings=timings)
-  layers = layout_lib.find_moe_layers(validate.mapping("params", params), layout)
+  layers = layout_lib.find_moe_layers(checks.mapping("params", params), layout)
   stats = validate.expert_stats(logits, layers)
   spec, router = validate.options(method, cluster, router, has_logits=logits is not None,
                                   has_stats=stats is not None, features_from=features,
@@ -179,7 +180,7 @@ def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
   """
   if not isinstance(plan, PrunePlan):
     raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
-  layers = layout_lib.find_moe_layers(validate.mapping("params", params), plan.layout)
+  layers = layout_lib.find_moe_layers(checks.mapping("params", params), plan.layout)
   missing, extra = sorted(set(plan.layers) - set(layers)), sorted(set(layers) - set(plan.layers))
   if missing or extra:
     raise ValueError(f"plan and params disagree on MoE layers: plan layers not in params "

@@ -33,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from uncurl_jax import checks
 from uncurl_jax.model import moe
-from uncurl_jax.pruning import collect
+from uncurl_jax.model import collect
+from uncurl_jax.model import forward as forward_lib
 from uncurl_jax.pruning.features import ExpertStats
-from uncurl_jax.pruning import layout as layout_lib
-from uncurl_jax.pruning import validate
+from uncurl_jax.model import layout as layout_lib
 
 
 def _expert_weights(weights: layout_lib.MoeLayerWeights) -> moe.ExpertWeights:
@@ -81,18 +82,6 @@ def layer_sums(x: jax.Array, mask: jax.Array, router_kernel: jax.Array,
   reap, output = jax.lax.map(one_expert, jnp.arange(num_experts))
   return {"logits": logits, "top1": first.sum((0, 1)), "topk": routed.sum((0, 1)),
           "reap": reap, "output": output}
-
-
-def _make_forward(model):
-  def forward(params, inputs):
-    _, state = model.apply({"params": params}, **inputs, enable_dropout=False,
-                           mutable=["moe_inputs"])
-    return {"/".join(path[:-1]): value for path, value in
-            flax.traverse_util.flatten_dict(state.get("moe_inputs", {})).items()}
-  return jax.jit(forward)
-
-
-_cached_forward = functools.lru_cache(maxsize=8)(_make_forward)
 
 
 class _Accumulator:
@@ -147,12 +136,12 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
     >>> small = prune_params(params, stats, 8, method="hc_smoe")
   """
   if max_tokens is not None:
-    validate.integer("max_tokens", max_tokens, low=1)
+    checks.integer("max_tokens", max_tokens, low=1)
   config = getattr(model, "config", None)
   top_k = int(getattr(config, "top_k", 1))
   vocab_size = getattr(config, "vocab_size", None)
   dtype = str(getattr(config, "dtype", "float32"))
-  forward = _cached_forward(model)
+  forward = forward_lib.sown_forward(model, "moe_inputs")
   accumulators: dict[str, _Accumulator] = {}
   total = num_batches = 0
   layers = None
@@ -165,8 +154,10 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
       mask = collect.real_token_mask(batch)
       if max_tokens is not None:
         mask = collect.first_true(mask, max_tokens - total)
-      inputs = forward(params, collect.model_inputs(
-          batch, model, inputs_bidirectional_attention=inputs_bidirectional_attention))
+      inputs = {"/".join(path[:-1]): value for path, value in
+                flax.traverse_util.flatten_dict(forward(params, collect.model_inputs(
+                    batch, model,
+                    inputs_bidirectional_attention=inputs_bidirectional_attention))).items()}
       for name, weights in layers.items():
         sums = layer_sums(inputs[name], jnp.asarray(mask), weights.router_kernel,
                           _expert_weights(weights), top_k=top_k, dtype=dtype)

@@ -3,78 +3,34 @@
 Each check names the argument, what was expected and what was given, and raises a
 TypeError (wrong kind of value) or a ValueError (right kind, wrong value). The argument
 checks of `plan_pruning` return the argument in the form the pipeline uses (numpy
-float32 logits, {layer: int} targets, ...); the scalar checks (`integer`, `real`,
-`choice`) serve `PrunePlan` and the collectors too.
+float32 logits, {layer: int} targets, ...); the scalar checks are the package's own
+(`uncurl_jax.checks`).
 
 Example:
   >>> layers = layout.find_moe_layers(params)
   >>> targets = validate.targets(8, layers)                 # {'layers_0/mlp': 8, ...}
   >>> logits = validate.router_logits(logits, layers)       # {'layers_0/mlp': [T, E] f32}
-  >>> validate.integer("seed", seed, low=0)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uncurl_jax.checks import choice
+from uncurl_jax.checks import integer
+from uncurl_jax.checks import mapping
+from uncurl_jax.checks import real
 from uncurl_jax.pruning import clustering
 from uncurl_jax.pruning import features
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
-
-
-# ------------------------------------------------------------------------------------------
-# Scalars.
-
-
-def integer(name: str, value: Any, *, low: int | None = None, high: int | None = None) -> int:
-  """`value` as an int in [low, high]; bools, floats and strings are refused.
-
-  Example:
-    >>> integer("seed", 3, low=0)
-    3
-  """
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-  value = int(value)
-  if (low is not None and value < low) or (high is not None and value > high):
-    bounds = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
-    raise ValueError(f"{name} must be in {bounds}, got {value}")
-  return value
-
-
-def real(name: str, value: Any, *, positive: bool = False) -> float:
-  """`value` as a finite float (> 0 if `positive`); bools and strings are refused."""
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-  value = float(value)
-  if not math.isfinite(value) or (positive and value <= 0):
-    raise ValueError(f"{name} must be a finite{' positive' if positive else ''} number, "
-                     f"got {value}")
-  return value
-
-
-def choice(name: str, value: Any, allowed: Sequence[str]) -> str:
-  """`value` if it is one of the strings `allowed`."""
-  if not isinstance(value, str) or value not in allowed:
-    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-  return value
-
-
-def mapping(name: str, value: Any) -> Mapping:
-  """`value` if it is a mapping (dict, FrozenDict)."""
-  if not isinstance(value, Mapping):
-    raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
-  return value
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-r"""`python -m uncurl_jax.study` (alias: `python -m uncurl_jax.experiment`): the UNCURL study.
+r"""`python -m uncurl_jax.study`: the UNCURL study.
 
   python -m uncurl_jax.study                  # gin/experiments/synthetic.gin (CPU)
   python -m uncurl_jax.study --gin.SEEDS=[1] --gin.OUTPUT_DIR=outputs/synthetic_seed1
@@ -27,8 +27,8 @@ from uncurl_jax.train import __main__ as train_main
 REPOSITORY_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_GIN_FILE = os.path.join(REPOSITORY_ROOT, "gin", "experiments", "synthetic.gin")
 # Gin parameters holding paths (made absolute by the command-line layer).
-PATH_PARAMETERS = ("uncurl_jax.experiment.StudyConfig.output_dir",
-                   "uncurl_jax.experiment.StudyConfig.stages_dir")
+PATH_PARAMETERS = ("uncurl_jax.study.StudyConfig.output_dir",
+                   "uncurl_jax.study.StudyConfig.stages_dir")
 
 _REGISTERED: dict[str, Any] = {}
 
@@ -41,7 +41,7 @@ def register_configurables() -> dict[str, Any]:
   """
   if not _REGISTERED:
     train_main.register_configurables()
-    module = "uncurl_jax.experiment"
+    module = "uncurl_jax.study"
     _REGISTERED.update(
         StudyConfig=gin.external_configurable(config_lib.StudyConfig, module=module),
         TrainSettings=gin.external_configurable(config_lib.TrainSettings, module=module),

@@ -29,12 +29,12 @@ from typing import Mapping, Sequence
 
 import jax
 
+from uncurl_jax import checks
 from uncurl_jax import pruning
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import partitioning
 from uncurl_jax.pruning import methods as pruning_methods
-from uncurl_jax.pruning import validate
 from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
 
@@ -83,13 +83,13 @@ class TrainSettings:
 
   def __post_init__(self):
     for name in ("steps", "batch_size"):
-      validate.integer(f"TrainSettings.{name}", getattr(self, name), low=1)
+      checks.integer(f"TrainSettings.{name}", getattr(self, name), low=1)
     for name in ("warmup_steps", "router_warmup_steps"):
-      validate.integer(f"TrainSettings.{name}", getattr(self, name), low=0)
-    validate.real("TrainSettings.learning_rate", self.learning_rate, positive=True)
-    validate.real("TrainSettings.weight_decay", self.weight_decay)
+      checks.integer(f"TrainSettings.{name}", getattr(self, name), low=0)
+    checks.real("TrainSettings.learning_rate", self.learning_rate, positive=True)
+    checks.real("TrainSettings.weight_decay", self.weight_decay)
     if self.router_warmup_learning_rate is not None:
-      validate.real("TrainSettings.router_warmup_learning_rate",
+      checks.real("TrainSettings.router_warmup_learning_rate",
                     self.router_warmup_learning_rate, positive=True)
     if not 0 <= self.router_warmup_steps <= self.steps:
       raise ValueError(f"router_warmup_steps must be in [0, steps={self.steps}], got "
@@ -130,7 +130,7 @@ class Runtime:
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
-      validate.integer(f"Runtime.{field.name}", getattr(self, field.name), low=1)
+      checks.integer(f"Runtime.{field.name}", getattr(self, field.name), low=1)
 
   @functools.cached_property
   def mesh(self) -> jax.sharding.Mesh:
@@ -373,16 +373,16 @@ class StudyConfig:
     if not self.seeds or len(set(self.seeds)) != len(self.seeds):
       raise ValueError(f"StudyConfig.seeds must be distinct seeds, got {list(self.seeds)}")
     for seed in self.seeds:
-      validate.integer("StudyConfig.seeds[i]", seed, low=0)
-    if not 0.0 < validate.real("StudyConfig.router_norm_probe_fraction",
+      checks.integer("StudyConfig.seeds[i]", seed, low=0)
+    if not 0.0 < checks.real("StudyConfig.router_norm_probe_fraction",
                                self.router_norm_probe_fraction) < 1.0:
       raise ValueError(f"StudyConfig.router_norm_probe_fraction must be in (0, 1), got "
                        f"{self.router_norm_probe_fraction}")
     for name in ("eval_batch_size", "logits_max_tokens", "usage_max_tokens"):
-      validate.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
+      checks.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
     for name in ("eval_batches", "eval_num_examples"):
       if getattr(self, name) is not None:
-        validate.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
+        checks.integer(f"StudyConfig.{name}", getattr(self, name), low=1)
 
   def _check_dropping(self):
     if self.dropping is None:

@@ -21,7 +21,7 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 
 from uncurl_jax.study import statistics
-from uncurl_jax.study.report import ResultRow
+from uncurl_jax.study.rows import ResultRow
 from uncurl_jax.study.report import ordered_models
 
 

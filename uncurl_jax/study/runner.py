@@ -43,7 +43,7 @@ import numpy as np
 
 from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
-from uncurl_jax.study import report
+from uncurl_jax.study import rows as rows_lib
 from uncurl_jax.study import stages
 from uncurl_jax.study import training
 from uncurl_jax.study.config import ORACLE
@@ -90,7 +90,7 @@ class Study:
     self.config = config
     self.cache = cache_lib.StageCache(config.stages_dir
                                       or os.path.join(config.output_dir, "stages"))
-    self.rows: list[report.ResultRow] = []
+    self.rows: list[rows_lib.ResultRow] = []
     self._items: dict[tuple[str, str, int], np.ndarray] | None = None
     self.row_specs: list[RowSpec] = []
     self.stats_specs: dict[tuple[str, int, int], StageSpec] = {}
@@ -407,7 +407,7 @@ class Study:
   # ----------------------------------------------------------------------------------------
   # Running.
 
-  def run(self, progress: Progress | None = None) -> list[report.ResultRow]:
+  def run(self, progress: Progress | None = None) -> list[rows_lib.ResultRow]:
     """Runs (or reads from the cache) every stage of `plan()`; returns the result rows."""
     specs = self.plan()
     self._progress = progress
@@ -476,13 +476,13 @@ class Study:
     return {name: float(np.mean(choices[0][name][0] == choices[1][name][0]))
             for name in choices[0]}
 
-  def _result_row(self, row: RowSpec) -> report.ResultRow:
+  def _result_row(self, row: RowSpec) -> rows_lib.ResultRow:
     score = self.done[row.score.key].result
     before = None if row.before is None else self.done[row.before.key].result
     warmed = None if row.warmed is None else self.done[row.warmed.key].result
     metric = self.config.task_metric(row.task)
     router = "" if row.method is None else row.method.options
-    return report.ResultRow(
+    return rows_lib.ResultRow(
         task=row.task.name, kind=row.kind, num_experts=row.num_experts,
         source_experts=row.source, seed=row.seed,
         method="" if row.method is None else row.method.method, router=router,

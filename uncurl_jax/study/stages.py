@@ -29,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import forward as forward_lib
 from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
 from uncurl_jax.model import router as router_lib
@@ -59,7 +61,7 @@ def restore_params(checkpoint_dir: str, *, config: configs.ModelConfig,
 
 def _abstract_params(config: configs.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   return state_lib.abstract_params(decoder.SMoEDecoder(config),
-                                   batch_shape=state_lib.init_batch_shape(config), mesh=mesh)
+                                   batch_shape=forward_lib.init_batch_shape(config), mesh=mesh)
 
 
 def place_params(params: Any, *, config: configs.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
@@ -316,7 +318,7 @@ class StageWork:
       correct = (jnp.argmax(logits, -1) == targets) & weights
       return jnp.stack([correct.sum(), weights.sum(), (target_log_probs * weights).sum()])
 
-    found = pruning.find_moe_layers(jax.device_get(params))
+    found = model_lib.find_moe_layers(jax.device_get(params))
     layers = {name: found[name] for name in sorted(found, key=configs.block_index)}
     device_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batches]
 
@@ -371,7 +373,7 @@ class StageWork:
                     ) -> dict[str, np.ndarray]:
     """{MoE layer: [tokens, E]} router logits on the task's (finetuning) tokens, the first
     `usage_max_tokens` of them."""
-    return pruning.collect_router_logits(decoder.SMoEDecoder(config), params,
+    return model_lib.collect_router_logits(decoder.SMoEDecoder(config), params,
                                          self.task_batches(task),
                                          max_tokens=self.config.usage_max_tokens,
                                          progress=False)

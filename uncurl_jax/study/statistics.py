@@ -46,13 +46,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import scipy.stats
 
-if TYPE_CHECKING:  # the rows' type only; report.py imports this module
-  from uncurl_jax.study.report import ResultRow
+from uncurl_jax.study.rows import ResultRow
 
 ALPHA = 0.05  # two-sided level of the intervals and tests: 95% intervals
 PHASES = ("one_shot", "finetuned")  # findings() judges both, in this order

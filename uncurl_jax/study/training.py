@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import jax
 
-from uncurl_jax import pruning
+from uncurl_jax import model as model_lib
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
@@ -169,7 +169,7 @@ class StageTrainer:
       manager.wait_until_finished()
       manager.close()
     final_loss = history[-1][1]["loss"] if history else None
-    return state.params, {"experts_per_layer": pruning.expert_counts(state.params),
+    return state.params, {"experts_per_layer": model_lib.expert_counts(state.params),
                           "model_config": dataclasses.asdict(run.variant_of(state).config),
                           "steps": int(state.step), "first_step": start + 1,
                           "final_loss": final_loss}

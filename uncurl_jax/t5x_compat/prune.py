@@ -25,6 +25,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
@@ -62,12 +63,12 @@ def prune_checkpoint(checkpoint_path: str, output_dir: str, *, model: str,
     ...     task_feature_lengths={"inputs": 96, "targets": 32}, num_experts=4)
   """
   params, step = checkpoints.load_params(checkpoint_path)
-  config = configs.with_expert_counts(configs.get(model), pruning.expert_counts(params))
+  config = configs.with_expert_counts(configs.get(model), model_lib.expert_counts(params))
   batches = pipeline.eval_batches(
       mixture_or_task_name=mixture_or_task_name, task_feature_lengths=task_feature_lengths,
       batch_size=batch_size, split="train", pack=False,
       max_batches=max(1, -(-max_tokens // batch_size)))
-  logits = pruning.collect_router_logits(decoder.SMoEDecoder(config), params, batches,
+  logits = model_lib.collect_router_logits(decoder.SMoEDecoder(config), params, batches,
                                          max_tokens=max_tokens)
   plan = pruning.plan_pruning(params, logits, num_experts, method=method, router=router,
                               seed=seed, top_k=config.top_k, router_init_std=config.init_std)

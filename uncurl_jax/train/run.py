@@ -23,11 +23,12 @@ from absl import logging
 import jax
 import tqdm
 
+from uncurl_jax import checks
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import forward as forward_lib
 from uncurl_jax.model import partitioning
-from uncurl_jax.pruning import validate
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
 from uncurl_jax.train import loop
@@ -53,35 +54,19 @@ class TrainResult:
 # Training.
 
 
-def check_output_dir(path: object, what: str) -> str:
-  """`path` if it is a string naming a directory or nothing yet (not a file)."""
-  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-    raise TypeError(f"{what} must be a path, got {path!r}")
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ValueError(f"{what}={os.fspath(path)!r} is a file, expected a directory")
-  return os.fspath(path)
-
-
-def check_checkpoint_path(path: object, what: str) -> str:
-  """`path` if it is an existing directory (a run's MODEL_DIR or a checkpoint root)."""
-  if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):
-    raise ValueError(f"{what}={path!r} is not a directory holding checkpoints")
-  return os.fspath(path)
-
-
 def _check_train_args(*, model_dir, train_steps, batch_size, mesh, config, task_feature_lengths,
                       checkpoint_every_steps, log_every_steps, eval_every_steps, tasks,
                       init_checkpoint):
   if not isinstance(config, configs.ModelConfig):
     raise TypeError(f"model_config must be a ModelConfig, got {type(config).__name__}")
-  check_output_dir(model_dir, "MODEL_DIR")
-  validate.integer("TRAIN_STEPS", train_steps, low=1)
-  validate.integer("BATCH_SIZE", batch_size, low=1)
+  checks.output_dir(model_dir, "MODEL_DIR")
+  checks.integer("TRAIN_STEPS", train_steps, low=1)
+  checks.integer("BATCH_SIZE", batch_size, low=1)
   for what, name in tasks.items():
     if name is not None:
       pipeline.check_task(name, what)
   if init_checkpoint is not None:
-    check_checkpoint_path(init_checkpoint, "INITIAL_CHECKPOINT_PATH")
+    checks.existing_dir(init_checkpoint, "INITIAL_CHECKPOINT_PATH")
   if batch_size % partitioning.num_batch_shards(mesh):
     raise ValueError(f"BATCH_SIZE={batch_size} must be a multiple of the mesh's "
                      f"{partitioning.num_batch_shards(mesh)} batch shards (data x expert)")
@@ -92,7 +77,7 @@ def _check_train_args(*, model_dir, train_steps, batch_size, mesh, config, task_
   for name, value in (("checkpoint_every_steps", checkpoint_every_steps),
                       ("log_every_steps", log_every_steps), ("eval_every_steps", eval_every_steps)):
     if value is not None:
-      validate.integer(name, value, low=1)
+      checks.integer(name, value, low=1)
 
 
 def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_name: str,
@@ -278,16 +263,16 @@ def evaluate(*, checkpoint_path: str, model_config: configs.ModelConfig,
   """
   mesh = partitioning.make_mesh(expert=expert_parallelism, model=model_parallelism)
   pipeline.check_task(mixture_or_task_name)
-  validate.integer("BATCH_SIZE", batch_size, low=1)
-  check_output_dir(output_dir, "EVAL_OUTPUT_DIR")
+  checks.integer("BATCH_SIZE", batch_size, low=1)
+  checks.output_dir(output_dir, "EVAL_OUTPUT_DIR")
   directory = checkpoints.resolve_checkpoint_dir(
-      check_checkpoint_path(checkpoint_path, "CHECKPOINT_PATH"))
+      checks.existing_dir(checkpoint_path, "CHECKPOINT_PATH"))
   step = checkpoints.resolve_step(directory, step=checkpoint_step)
   shapes = checkpoints.params_shapes(directory, step=step)
   saved = checkpoints.read_metadata(directory, step=step).get("model_config")
   config = trainer_lib.config_for_params(model_config, shapes, adapt=True, saved_config=saved)
-  trainer_lib.check_architecture(config, shapes, f"the checkpoint {directory} (step {step})",
-                                 saved)
+  forward_lib.check_params(decoder.SMoEDecoder(config), shapes,
+                           f"the checkpoint {directory} (step {step})", saved_config=saved)
   model = decoder.SMoEDecoder(config)
   target = state_lib.abstract_params(
       model, batch_shape=(batch_size, pipeline.model_length(task_feature_lengths)), mesh=mesh)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uncurl_jax.pruning import layout as layout_lib
+from uncurl_jax.model import layout as layout_lib
 
 
 def _expert_axes() -> dict[tuple[str, ...], int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax
@@ -44,18 +43,6 @@ class StateLayout:
   abstract: step_lib.TrainState
   shardings: step_lib.TrainState
   mesh: Mesh
-
-
-def init_batch_shape(config) -> tuple[int, int]:
-  """A (batch, length) whose token count the routing groups divide (shapes-only inits).
-
-  Example:
-    >>> init_batch_shape(configs.get("tiny", group_size=512))    # max_length 128
-    (4, 128)
-  """
-  length = config.max_length
-  group = config.group_size or length
-  return group // math.gcd(group, length), length
 
 
 def _params_shardings(abstract_variables: Any, mesh: Mesh) -> Any:

@@ -18,19 +18,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 from absl import logging
-import flax
 import jax
 from jax.sharding import Mesh
 import optax
 import orbax.checkpoint as ocp
 
-from uncurl_jax import pruning
+from uncurl_jax.model import collect as collect_lib
 from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
+from uncurl_jax.model import forward as forward_lib
+from uncurl_jax.model import layout as layout_lib
 from uncurl_jax.model import partitioning
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import schedules
@@ -66,7 +66,7 @@ def config_for_params(config: configs.ModelConfig, params: Any, *, adapt: bool,
     adapt: Take the checkpoint's counts when they differ; False raises instead.
     saved_config: The checkpoint's saved ModelConfig fields, if it has them.
   """
-  counts = pruning.expert_counts(params)
+  counts = layout_lib.expert_counts(params)
   if not counts and config.num_experts:
     raise ValueError(f"the checkpoint has no MoE layer, the model config has MoE layers at "
                      f"blocks {list(config.moe_layers)}; use the model file the checkpoint "
@@ -80,36 +80,6 @@ def config_for_params(config: configs.ModelConfig, params: Any, *, adapt: bool,
                      f"but the model config has num_experts={config.num_experts}; set "
                      "NUM_EXPERTS to match (or let the run adapt to the checkpoint)")
   return wanted
-
-
-def check_architecture(config: configs.ModelConfig, params: Any, what: str,
-                       saved_config: dict | None = None) -> None:
-  """Raises ValueError unless `params` (or shapes) are those of `config`'s model.
-
-  Names the differing architecture fields of the checkpoint's saved config when there is
-  one, and the differing parameter shapes otherwise.
-  """
-  if saved_config is not None:
-    differing = [f"{name} {saved_config[name]!r} (config: {getattr(config, name)!r})"
-                 for name in configs.ARCHITECTURE_FIELDS if name in saved_config
-                 and configs.as_tuples(saved_config[name])
-                 != configs.as_tuples(getattr(config, name))]
-    if differing:
-      raise ValueError(f"{what} is of another model: {', '.join(differing)}")
-  want = _param_shapes(config)
-  have = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(params).items()}
-  differing = [f"{'/'.join(k)} {have.get(k)} (model: {want.get(k)})"
-               for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-  if differing:
-    raise ValueError(f"{what} is of another model: {len(differing)} parameters differ, e.g. "
-                     f"{'; '.join(differing[:3])}")
-
-
-@functools.lru_cache(maxsize=32)
-def _param_shapes(config: configs.ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  shapes = partitioning.abstract_variables(decoder.SMoEDecoder(config),
-                                           state_lib.init_batch_shape(config))["params"]
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
 
 
 class Trainer:
@@ -236,7 +206,8 @@ class Trainer:
           f"layer, the model config {self.config.layer_num_experts or self.config.num_experts}; "
           "set NUM_EXPERTS to match, or adapt_experts_to_checkpoint=True to take the "
           "checkpoint's counts (finetuning a pruned model)")
-    check_architecture(adapted, params, what, saved_config)
+    forward_lib.check_params(decoder.SMoEDecoder(adapted), params, what,
+                             saved_config=saved_config)
     if adapted != self.config:
       logging.info("%s has %s experts per MoE layer (config: %d).", what,
                    adapted.layer_num_experts or adapted.num_experts, self.config.num_experts)
@@ -250,14 +221,15 @@ class Trainer:
           expected, self.dropping.experts_at(step - 1, num_experts=self.config.num_experts))
     what = f"the checkpoint of step {step} in {manager.directory}"
     shapes = checkpoints.params_shapes(manager.directory, step=step)
-    counts = pruning.expert_counts(shapes)
+    counts = layout_lib.expert_counts(shapes)
     if configs.with_expert_counts(expected, counts) != expected:
       raise ValueError(f"{what} has {tuple(counts.values())} experts per MoE layer, this run "
                        f"expects {expected.layer_num_experts or expected.num_experts} at that "
                        "step: it is another model's checkpoint; use another MODEL_DIR or the "
                        "model it was trained with")
-    check_architecture(expected, shapes, what, checkpoints.read_metadata(
-        manager.directory, step=step).get("model_config"))
+    forward_lib.check_params(decoder.SMoEDecoder(expected), shapes, what,
+                             saved_config=checkpoints.read_metadata(
+                                 manager.directory, step=step).get("model_config"))
     variant = self.variant(expected, schedules.checkpoint_phase_index(self.phases, step))
     logging.info("Resuming from %s at step %d.", manager.directory, step)
     return checkpoints.restore_state(manager, abstract_state=variant.layout.abstract, step=step)
@@ -308,7 +280,7 @@ class Trainer:
 
   def _drop_experts(self, state, target: int, batches) -> step_lib.TrainState:
     variant = self.variant_of(state)
-    router_logits = pruning.collect_router_logits(variant.model, state.params, batches,
+    router_logits = collect_lib.collect_router_logits(variant.model, state.params, batches,
                                                   progress=False)
     keep = schedules.experts_to_keep(router_logits, target)
     logging.info("Step %d: dropping to %d experts per layer, keeping %s.", int(state.step),

@@ -8,20 +8,18 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
 
+from uncurl_jax import checks
+from uncurl_jax.model import forward as forward_lib
 from uncurl_jax.model import inputs as inputs_lib
-from uncurl_jax.pruning import layout as layout_lib
-from uncurl_jax.pruning import validate
+from uncurl_jax.model import layout as layout_lib
 
 # Model inputs passed through when a batch has them (t5x DecoderOnlyModel's features).
 _REQUIRED_INPUTS = ("decoder_input_tokens", "decoder_target_tokens")
@@ -68,31 +66,15 @@ def check_batch(batch: Any, index: int, *, vocab_size: int | None = None) -> Non
                          f"outside the model's vocabulary [0, {vocab_size})")
 
 
-@functools.lru_cache(maxsize=16)
-def _param_shapes(model: Any, batch_shape: tuple[int, int]) -> dict[tuple[str, ...], tuple]:
-  tokens = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
-  expected = jax.eval_shape(functools.partial(model.init, enable_dropout=False),
-                            jax.random.key(0), tokens, tokens)["params"]
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(expected).items()}
-
-
 def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) -> None:
-  """Raises a ValueError unless `params` has MoE layers and fits `model`'s parameter tree."""
+  """Raises a ValueError unless `params` has MoE layers and fits `model`'s parameter tree
+  (`forward.check_params` on the batches' shape)."""
   if not isinstance(params, Mapping):
     raise TypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
   if not layout_lib.expert_counts(params):
     raise ValueError("params have no MoE layer (no router kernel); router logits come from "
                      "the MoE layers of an SMoE model")
-  try:
-    want = _param_shapes(model, tuple(batch_shape))
-  except TypeError:  # an unhashable module
-    want = _param_shapes.__wrapped__(model, tuple(batch_shape))
-  have = {k: tuple(np.shape(v)) for k, v in layout_lib.flatten_params(params).items()}
-  differences = [f"{'/'.join(k)}: model {want.get(k)}, params {have.get(k)}"
-                 for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
-  if differences:
-    raise ValueError(f"params do not fit the model ({len(differences)} differences, e.g. "
-                     f"{differences[:4]}); pass the params of this model")
+  forward_lib.check_params(model, params, "the params", batch_shape=tuple(batch_shape))
 
 
 def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
@@ -146,26 +128,6 @@ def router_logits_by_layer(collection: Mapping[str, Any]) -> dict[str, list[Any]
   return by_layer
 
 
-def _make_forward(model):
-  def forward(params, inputs):
-    _, state = model.apply({"params": params}, **inputs, enable_dropout=False,
-                           mutable=["router_logits"])
-    return state.get("router_logits", {})
-  return jax.jit(forward)
-
-
-# Equal modules (same config) share one jitted forward, so that collecting for several
-# tasks compiles once per batch shape.
-_cached_forward = functools.lru_cache(maxsize=8)(_make_forward)
-
-
-def _jitted_forward(model):
-  try:
-    return _cached_forward(model)
-  except TypeError:  # an unhashable module
-    return _make_forward(model)
-
-
 def collect_router_logits(model: Any, params: Mapping[str, Any],
                           batches: Iterable[Mapping[str, Any]], *,
                           max_tokens: int | None = None,
@@ -208,8 +170,8 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
     >>> plan = plan_pruning(params, logits, 8)
   """
   if max_tokens is not None:
-    validate.integer("max_tokens", max_tokens, low=1)
-  forward = _jitted_forward(model)
+    checks.integer("max_tokens", max_tokens, low=1)
+  forward = forward_lib.sown_forward(model, "router_logits")
   vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   chunks: dict[str, list[np.ndarray]] = {}
   total = num_batches = 0

@@ -9,7 +9,7 @@ one way the project finds MoE layers: `expert_counts` reads only shapes (params 
 weights, `detect_layout` tells which known layout a tree has.
 
 Example:
-  >>> from uncurl_jax.pruning import layout as layout_lib
+  >>> from uncurl_jax.model import layout as layout_lib
   >>> layers = layout_lib.find_moe_layers(params)          # this project's models
   >>> sorted(layers)
   ['layers_0/mlp', 'layers_2/mlp']

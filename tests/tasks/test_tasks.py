@@ -8,7 +8,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tests.data import tfds_mock
+from tests.tasks import tfds_mock
 import uncurl_jax.tasks
 from uncurl_jax.data import corpus
 from uncurl_jax.data import corpus_tasks

@@ -11,6 +11,7 @@ import pytest
 
 from tests.pruning.batches import padded_batches
 from uncurl_jax.model import configs
+from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
 from uncurl_jax.model.decoder import SMoEDecoder
 
@@ -53,7 +54,7 @@ def _direct_logits(cfg, params, batch):
 
 def test_collect_router_logits_excludes_padding_and_stops_at_max_tokens():
   params, batches = _init(CONFIG), _batches()
-  logits = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, batches)
+  logits = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, batches)
   real = int(sum(b["decoder_loss_weights"].sum() for b in batches))
   assert real < 2 * BATCH * LENGTH  # the batches do have padding
   expected = [_direct_logits(CONFIG, params, b) for b in batches]
@@ -64,13 +65,13 @@ def test_collect_router_logits_excludes_padding_and_stops_at_max_tokens():
                                rtol=1e-5, atol=1e-6)
   # max_tokens keeps the first real tokens in batch order and stops early.
   first = int(batches[0]["decoder_loss_weights"].sum())
-  some = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, iter(batches),
+  some = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, iter(batches),
                                        max_tokens=first + 3)
   np.testing.assert_array_equal(some["layers_2/mlp"], logits["layers_2/mlp"][:first + 3])
   # Packed batches mark padding with segment id 0.
   packed = dict(batches[0], decoder_segment_ids=batches[0]["decoder_loss_weights"].astype(int))
   del packed["decoder_loss_weights"]
-  assert pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [packed])[
+  assert model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, [packed])[
       "layers_0/mlp"].shape == (first, CONFIG.num_experts)
 
 
@@ -107,19 +108,19 @@ def test_collected_logits_are_the_training_forwards(bidirectional):
                                    | (batch["decoder_causal_attention"] > 0)).astype(np.float32)
   real = plain["decoder_loss_weights"] > 0
   assert real.sum() > (batch["decoder_loss_weights"] > 0).sum()
-  with_marker = pruning.collect_router_logits(model, params, [batch], progress=False)
+  with_marker = model_lib.collect_router_logits(model, params, [batch], progress=False)
   trained = _training_forward_logits(cfg, params, batch)
   for name in MOE_LAYERS:
     np.testing.assert_allclose(with_marker[name], trained[name][real], rtol=1e-6, atol=1e-6)
   if bidirectional:
     with pytest.raises(ValueError, match="decoder_causal_attention"):
-      pruning.collect_router_logits(model, params, [plain], progress=False)
+      model_lib.collect_router_logits(model, params, [plain], progress=False)
     # The marker changes attention, so the logits differ from the causal forward's.
     causal = _training_forward_logits(CONFIG, params, plain)
     assert not np.allclose(with_marker["layers_2/mlp"], causal["layers_2/mlp"][real],
                            atol=1e-4)
   else:
-    without_marker = pruning.collect_router_logits(model, params, [plain], progress=False)
+    without_marker = model_lib.collect_router_logits(model, params, [plain], progress=False)
     stats = pruning.collect_expert_stats(model, params, [batch], progress=False)
     for name in MOE_LAYERS:
       np.testing.assert_array_equal(with_marker[name], without_marker[name])
@@ -131,16 +132,16 @@ def test_collect_router_logits_errors():
   params = _init(CONFIG)
   batch = _batches(1)[0]
   with pytest.raises(ValueError, match="max_tokens"):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [batch], max_tokens=0)
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, [batch], max_tokens=0)
   with pytest.raises(ValueError, match="decoder_loss_weights"):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), params,
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), params,
                                   [{k: batch[k] for k in ("decoder_input_tokens",
                                                           "decoder_target_tokens")}])
   empty = dict(batch, decoder_loss_weights=np.zeros_like(batch["decoder_loss_weights"]))
   with pytest.raises(ValueError, match="no real tokens"):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [empty])
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, [empty])
   with pytest.raises(ValueError, match="no real tokens in 0 batches"):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), params, [])
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, [])
 
 
 @pytest.mark.parametrize("edit, error, match", [
@@ -160,7 +161,7 @@ def test_collect_router_logits_errors():
 ])
 def test_bad_batches_are_refused_before_their_forward_pass(edit, error, match):
   with pytest.raises(error, match=match):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [edit(_batches(1)[0])],
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [edit(_batches(1)[0])],
                                   progress=False)
 
 
@@ -168,21 +169,21 @@ def test_a_dense_model_and_another_models_params_are_refused():
   batch = _batches(1)[0]
   dense = dataclasses.replace(CONFIG, num_experts=0)
   with pytest.raises(ValueError, match="params have no MoE layer"):
-    pruning.collect_router_logits(SMoEDecoder(dense), _init(dense), [batch], progress=False)
+    model_lib.collect_router_logits(SMoEDecoder(dense), _init(dense), [batch], progress=False)
   other = dataclasses.replace(CONFIG, num_experts=4)
-  with pytest.raises(ValueError, match=r"params do not fit the model \(\d+ differences, e.g. "
-                                       r"\['layers_0/mlp/expert/wi/bias: model \(4, 32\), "
-                                       r"params \(8, 32\)'"):
-    pruning.collect_router_logits(SMoEDecoder(other), _init(CONFIG), [batch], progress=False)
+  with pytest.raises(ValueError, match=r"the params and the model differ: \d+ parameters, "
+                                       r"e.g. layers_0/mlp/expert/wi/bias \(8, 32\) \(model: "
+                                       r"\(4, 32\)\)"):
+    model_lib.collect_router_logits(SMoEDecoder(other), _init(CONFIG), [batch], progress=False)
   with pytest.raises(TypeError, match="max_tokens must be an int"):
-    pruning.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [batch], max_tokens=2.0)
+    model_lib.collect_router_logits(SMoEDecoder(CONFIG), _init(CONFIG), [batch], max_tokens=2.0)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_pruned_params_run_in_the_reduced_model(top_k):
   cfg = dataclasses.replace(CONFIG, top_k=top_k)
   params = _init(cfg)
-  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, _batches())
+  logits = model_lib.collect_router_logits(SMoEDecoder(cfg), params, _batches())
   plan = pruning.plan_pruning(params, logits, 4, top_k=top_k, router_init_std=cfg.init_std)
   small = pruning.apply_plan(params, plan)
   small_cfg = pruning.pruned_config(cfg, plan)
@@ -195,7 +196,7 @@ def test_pruned_params_run_in_the_reduced_model(top_k):
 
 def test_unevenly_pruned_params_run_in_the_reduced_model():
   params = _init(CONFIG)
-  logits = pruning.collect_router_logits(SMoEDecoder(CONFIG), params, _batches())
+  logits = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, _batches())
   plan = pruning.plan_pruning(params, logits, 3, method="mc_smoe", router="merge")
   small_cfg = pruning.pruned_config(CONFIG, plan)
   small = pruning.apply_plan(params, plan)
@@ -234,7 +235,7 @@ def test_anchor_router_reproduces_the_original_on_kept_experts(top_k, method):
   cfg = dataclasses.replace(CONFIG, top_k=top_k)
   params = _never_route_to_dropped(_init(cfg))
   batches = _batches()
-  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, batches)
+  logits = model_lib.collect_router_logits(SMoEDecoder(cfg), params, batches)
   plan = pruning.plan_pruning(params, logits, len(KEPT), method=method, router="anchor",
                               top_k=top_k)
   for layer in plan.layers.values():
@@ -298,7 +299,7 @@ def test_bound_router_of_a_selection_never_chooses_dropped_experts_and_keeps_gat
   cfg = dataclasses.replace(CONFIG, top_k=top_k)
   params = _never_route_to_dropped(_init(cfg))
   batches = _batches()
-  logits = pruning.collect_router_logits(SMoEDecoder(cfg), params, batches)
+  logits = model_lib.collect_router_logits(SMoEDecoder(cfg), params, batches)
   plan = pruning.plan_pruning(params, logits, len(KEPT), method="frequency", router="bind",
                               top_k=top_k)
   small, small_cfg = pruning.apply_plan(params, plan), pruning.pruned_config(cfg, plan)
