@@ -25,13 +25,13 @@ from uncurl_jax.study import __main__ as study_main
 from uncurl_jax.study import run as study_run
 from uncurl_jax.train import schedules
 from uncurl_jax import pruning
+from uncurl_jax.pruning import methods as methods_lib
 from uncurl_jax.study import runner as study_lib
 from uncurl_jax.study import config as study_config
 from uncurl_jax.study import progress as study_progress
 from uncurl_jax.study import report as study_report
 from uncurl_jax.study import stages as study_stages
 from uncurl_jax.study import training as study_training
-from uncurl_jax.train import run as train_lib
 from uncurl_jax.study.cache import Status
 from uncurl_jax.study.config import Runtime, TrainSettings
 
@@ -98,7 +98,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(runs):
   assert events[0] == ("pretrain-e2", Status.RESUMED)
   assert all(status == Status.RAN for _, status in events[1:])
   study = study_lib.Study(_config(runs["output_dir"]))
-  stage = study.finished(study.pretrained(2, seed=0))
+  stage = study.finished(study.graph.pretrained(2, seed=0))
   # Training continued at step 3 from the step-2 checkpoint and ran to the end.
   assert stage.result["first_step"] == 3 and stage.result["steps"] == 4
 
@@ -160,8 +160,8 @@ def test_the_floor_and_the_ceiling_arms(runs):
                                   dev_tasks={TASK: DEV_TASK}))
   study.plan()
   task = study_config.StudyTask(TASK)
-  base = study.pretrained(4, seed=0)
-  selected = study.finished(study.oracle_selected(task, base, (4, 2)))
+  base = study.graph.pretrained(4, seed=0)
+  selected = study.finished(study.graph.oracle_selected(task, base, (4, 2)))
   assert selected.status == Status.SKIPPED
   selection = selected.result["selection"]
   assert sorted(selection) == ["layers_0/mlp", "layers_1/mlp"]
@@ -189,11 +189,38 @@ def test_the_floor_and_the_ceiling_arms(runs):
   assert "## Scores by phase" in markdown and "| 4->2 oracle (bind) |" in markdown
 
 
+def test_a_new_method_is_one_registration(runs, monkeypatch):
+  """A method registered in a test (keep each layer's least selected experts) is planned
+  as a pruned arm (router warm-up, then finetuning), costs what its flags say, and its
+  pruning stage keeps the experts its grouping chose; nothing else names it."""
+  monkeypatch.setattr(methods_lib, "_REGISTRY", dict(methods_lib._REGISTRY))
+  pruning.register_method(methods_lib.Method(
+      "least_used", merges=False, default_router="anchor",
+      description="keep the least selected experts (a test's method)",
+      group=methods_lib.per_layer(lambda i, name: methods_lib.selection_grouping(
+          np.argsort(i.frequencies[name], kind="stable")[:i.targets[name]],
+          i.layers[name].num_experts))))
+  study = study_lib.Study(_config(runs["output_dir"], methods=["least_used"]))
+  study.plan()
+  (row,) = [r for r in study.row_specs if r.kind == "pruned"]
+  assert row.method == study_config.MethodSpec("least_used")
+  assert row.warmed is not None and row.recipe.startswith("router warm-up 1 steps")
+  prune = row.before.inputs[0]
+  assert prune.name == f"prune-least_used-e4to2-{TASK}" and prune.cost == 5.0  # no alignment
+  stage = study.finished(prune)
+  stats = study_stages.load_stats(os.path.join(prune.inputs[1].directory,
+                                               study_stages.STATS_FILE))
+  for name, layer in stats.items():
+    counts = np.bincount(np.argmax(layer.logits, axis=-1), minlength=4)
+    assert sorted(stage.result["anchors"][name]) == sorted(
+        np.argsort(counts, kind="stable")[:2].tolist())
+
+
 def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
   """The 'frequency' row's pre-finetuning score, recomputed from the library functions."""
   study = study_lib.Study(_config(runs["output_dir"]))
-  base = study.pretrained(4, seed=0)
-  stats = study.task_stats(study_config.StudyTask(TASK), base, 4, seed=0)
+  base = study.graph.pretrained(4, seed=0)
+  stats = study.graph.task_stats(study_config.StudyTask(TASK), base, 4, seed=0)
   assert study.finished(stats).status == Status.SKIPPED
   stats = study_stages.load_stats(os.path.join(stats.directory, study_stages.STATS_FILE))
   small = pruning.prune_params(study.params(base), stats, 2, method="frequency", seed=0)
@@ -203,41 +230,6 @@ def test_score_before_finetuning_equals_pruning_the_source_directly(runs):
   expected = scorer(config, small)["accuracy"]
   row = next(r for r in runs["resumed"]["rows"] if r.method == "frequency")
   np.testing.assert_allclose(row.score_before_finetune, expected, rtol=1e-6)
-
-
-def test_stage_training_equals_the_training_entry_point(runs, tmp_path):
-  """The study's in-process training (resumed once) gives train.train's params exactly,
-  for a pretraining and for a pruned model's finetuning with the router warm-up."""
-  config = _config(runs["output_dir"])
-  study = study_lib.Study(config)
-  task = study_config.StudyTask(TASK)
-  base = study.pretrained(2, seed=0)
-  source = study.pretrained(4, seed=0)
-  pruned = study.pruned(task, study_config.MethodSpec("uncurl", "reinit"), (4, 2), 0,
-                        source=source, stats=study.task_stats(task, source, 4, seed=0))
-  warmed = study.router_warmed(task, pruned, "uncurl-reinit-e4to2", num_experts=2, seed=0)
-  finetuned = study.finetuned(task, warmed, "uncurl-reinit-e4to2", num_experts=2, seed=0,
-                              steps=3, data_offset=1)
-  assert {study.finished(s).status for s in (base, pruned, warmed, finetuned)} == {
-      Status.SKIPPED}
-  model = dataclasses.replace(config.model, num_experts=2)
-  common = dict(model_config=model, batch_size=8, train_steps=4, seed=0, data_seed=0,
-                eval_split=None, checkpoint_every_steps=100, async_checkpointing=False)
-  with study_run.persistent_compilation_cache(os.path.join(study.cache.root,
-                                                            "jax_compilation_cache")):
-    pretrained = train_lib.train(
-        model_dir=str(tmp_path / "pretrain"), mixture_or_task_name="synthetic_lm",
-        task_feature_lengths={"targets": 32}, make_optimizer=config.pretrain.make_optimizer(),
-        **common)
-    tuned = train_lib.train(
-        model_dir=str(tmp_path / "finetune"), mixture_or_task_name=TASK,
-        task_feature_lengths={"targets": 32}, make_optimizer=config.finetune.make_optimizer(),
-        init_checkpoint=study.finished(pruned).path(study.finished(pruned).result["checkpoint"]),
-        router_warmup_steps=1,
-        router_warmup_learning_rate=1e-2, **common)
-  for expected, stage in ((pretrained.state.params, base), (tuned.state.params, finetuned)):
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected),
-                 jax.device_get(study.params(stage)))
 
 
 # ------------------------------------------------------------------------------------------

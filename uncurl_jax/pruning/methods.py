@@ -218,6 +218,13 @@ class Method:
       are zeroed, so every MoE layer adds nothing to the residual stream (what a pruned
       model that keeps none of its experts' knowledge would score).
     needs_selection: Keeps the experts the caller names (`plan_pruning(selection=...)`).
+    aligns: Permutes the members of a group to their reference (Hungarian weight
+      matching) before merging them: the expensive kind of pruning.
+    clusters: Takes `plan_pruning(cluster=...)`, the clustering algorithm.
+    takes_features: Takes `plan_pruning(features=...)`, what it clusters on.
+    paper_role: "proposed" (the method the paper proposes), "baseline" (a baseline the
+      paper says it beats) or "" (the other methods of the literature, the floor, ...).
+    paper_router: The router the paper gives it (its findings are judged on that variant).
   """
 
   name: str
@@ -231,6 +238,19 @@ class Method:
   uneven_counts: bool = False
   zero_outputs: bool = False
   needs_selection: bool = False
+  aligns: bool = False
+  clusters: bool = False
+  takes_features: bool = False
+  paper_role: str = ""
+  paper_router: str | None = None
+
+  def __post_init__(self):
+    if self.paper_role not in PAPER_ROLES:
+      raise ValueError(f"Method.paper_role must be one of {PAPER_ROLES}, got "
+                       f"{self.paper_role!r}")
+    if self.paper_role and self.paper_router is None:
+      raise ValueError(f"method {self.name!r} has paper_role {self.paper_role!r}: give "
+                       "paper_router, the router the paper gives it")
 
 
 def per_layer(fn: Callable[[MethodInputs, str], Grouping]
@@ -271,6 +291,7 @@ def hc_smoe_grouping(mean_output: np.ndarray, frequencies: np.ndarray,
 
 
 FEATURES = ("router_logits", "expert_outputs")
+PAPER_ROLES = ("", "proposed", "baseline")
 
 _REGISTRY: dict[str, Method] = {}
 
@@ -281,6 +302,9 @@ def register(method: Method) -> Method:
     raise TypeError(f"register needs a Method, got {type(method).__name__}")
   if method.name in _REGISTRY:
     raise ValueError(f"a pruning method named {method.name!r} is already registered")
+  if method.paper_role == "proposed" and with_role("proposed"):
+    raise ValueError(f"method {method.name!r}: {with_role('proposed')[0].name!r} is already "
+                     "the paper's proposed method")
   _REGISTRY[method.name] = method
   return method
 
@@ -297,22 +321,44 @@ def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 
 
+def with_role(role: str) -> tuple[Method, ...]:
+  """The registered methods of `paper_role` `role`, in registration order.
+
+  Example:
+    >>> [m.name for m in with_role("baseline")]
+    ['frequency', 'frequency_merge']
+  """
+  if role not in PAPER_ROLES:
+    raise ValueError(f"role must be one of {PAPER_ROLES}, got {role!r}")
+  return tuple(m for m in _REGISTRY.values() if m.paper_role == role)
+
+
+def proposed() -> Method:
+  """The method the paper proposes (UNCURL)."""
+  (method,) = with_role("proposed")
+  return method
+
+
 register(Method(
-    "uncurl", merges=True, description="cluster on router-logit similarity, align, merge",
+    "uncurl", merges=True, aligns=True, clusters=True, takes_features=True,
+    paper_role="proposed", paper_router="reinit",
+    description="cluster on router-logit similarity, align, merge",
     group=per_layer(lambda i, name: uncurl_grouping(
         i.similarities[name], i.frequencies[name], i.targets[name], cluster=i.cluster,
         seed=i.seed))))
 register(Method(
-    "frequency", merges=False, default_router="anchor",
+    "frequency", merges=False, default_router="anchor", paper_role="baseline",
+    paper_router="anchor",
     description="keep the most selected experts",
     group=per_layer(lambda i, name: frequency_grouping(i.frequencies[name], i.targets[name]))))
 register(Method(
-    "frequency_merge", merges=True,
+    "frequency_merge", merges=True, aligns=True, paper_role="baseline",
+    paper_router="reinit",
     description="most selected experts anchor, the others merge into the most similar",
     group=per_layer(lambda i, name: frequency_merge_grouping(
         i.similarities[name], i.frequencies[name], i.targets[name]))))
 register(Method(
-    "mc_smoe", merges=True, group=_mc_smoe, uneven_counts=True,
+    "mc_smoe", merges=True, aligns=True, group=_mc_smoe, uneven_counts=True,
     description="MC-SMoE: dominant experts chosen across layers, the others merge"))
 register(Method(
     "router_norm", merges=False, needs_logits=False, needs_pretrained=True,
@@ -351,3 +397,7 @@ register(Method(
 
 # The built-in methods (the registry may hold more).
 METHODS = names()
+# plan_pruning's default: the paper's method.
+DEFAULT_METHOD = proposed().name
+# What the study's oracle arm prunes with: the experts it chose, kept as they are.
+SELECTION = "selection"

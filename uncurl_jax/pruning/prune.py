@@ -40,7 +40,7 @@ from uncurl_jax.pruning.plan import PrunePlan
 
 def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
                  num_experts: int | Mapping[str, int] | None = None, *,
-                 method: str = "uncurl", cluster: str = "spectral", router: str | None = None,
+                 method: str = methods_lib.DEFAULT_METHOD, cluster: str = "spectral", router: str | None = None,
                  features: str = "router_logits", seed: int = 0, top_k: int = 1,
                  layout: layout_lib.MoeLayout = layout_lib.DEFAULT_LAYOUT,
                  pretrained_params: Mapping[str, Any] | None = None,
@@ -147,8 +147,9 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
         alignments=alignments[name])
   return PrunePlan(method=method, router=router, layers=layer_plans, seed=seed,
                    router_init_std=float(router_init_std),
-                   cluster=cluster if method == "uncurl" else None,
-                   features=features if method == "uncurl" else None, top_k=top_k,
+                   cluster=cluster if methods_lib.get(method).clusters else None,
+                   features=features if methods_lib.get(method).takes_features else None,
+                   top_k=top_k,
                    layout=layout)
 
 

@@ -35,15 +35,16 @@ from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.model import partitioning
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import arms
 from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
 
-PROGRESSIVE_DROPPING = "progressive_dropping"
+PROGRESSIVE_DROPPING = arms.PROGRESSIVE_DROPPING
 # The ceiling arm (approximate: a greedy choice): per layer the experts chosen greedily to
 # score best on the task's development split (`pruning.greedy_selection`), kept with their
 # router columns bound.
-ORACLE = "oracle"
-STUDY_ARMS = (PROGRESSIVE_DROPPING, ORACLE)  # arms that are not pruning methods
+ORACLE = arms.ORACLE
+STUDY_ARMS = tuple(arms.STUDY_ARMS)  # arms that are not pruning methods
 DEFAULT_METHODS = ("uncurl:reinit", "uncurl:anchor", "uncurl:merge", "frequency",
                    "frequency_merge", "mc_smoe", "router_norm", "random", PROGRESSIVE_DROPPING)
 
@@ -155,13 +156,16 @@ class MethodSpec:
   features: str | None = None
 
   @property
+  def merges(self) -> bool:
+    """Whether it is a pruning method that merges experts (not an arm of the study)."""
+    return self.method not in arms.STUDY_ARMS and pruning_methods.get(self.method).merges
+
+  @property
   def own_shapes(self) -> bool:
     """Whether its pruned models have shapes of their own (a bound router's column map,
     uneven expert counts), so each compiles its own steps."""
-    if self.method == PROGRESSIVE_DROPPING:
-      return False
-    if self.method == ORACLE:
-      return True
+    if self.method in arms.STUDY_ARMS:
+      return arms.STUDY_ARMS[self.method].own_shapes
     method = pruning_methods.get(self.method)
     return (self.router or method.default_router) == "bind" or method.uneven_counts
 
@@ -176,9 +180,12 @@ class MethodSpec:
     if router and (router not in pruning.ROUTER_MODES or method in STUDY_ARMS):
       raise ValueError(f"router option {router!r} in {text!r}: expected one of "
                        f"{pruning.ROUTER_MODES} after a pruning method")
-    if features and (features not in pruning_methods.FEATURES or method != "uncurl"):
+    if features and (features not in pruning_methods.FEATURES or method in STUDY_ARMS
+                     or not pruning_methods.get(method).takes_features):
+      takers = [m for m in pruning_methods.names() if pruning_methods.get(m).takes_features]
       raise ValueError(f"features {features!r} in {text!r}: expected one of "
-                       f"{pruning_methods.FEATURES} after 'uncurl:<router>'")
+                       f"{pruning_methods.FEATURES} after a method that takes them "
+                       f"({takers}), as 'method:router:features'")
     return cls(method, router or None, features or None)
 
   @property
@@ -189,10 +196,8 @@ class MethodSpec:
   def router_used(self) -> str | None:
     """The router option its pruned models get: the one named, else the method's default
     (None for progressive dropping, which keeps the source's router)."""
-    if self.method == PROGRESSIVE_DROPPING:
-      return None
-    if self.method == ORACLE:
-      return "bind"
+    if self.method in arms.STUDY_ARMS:
+      return arms.STUDY_ARMS[self.method].router or None
     return self.router or pruning_methods.get(self.method).default_router
 
   @property

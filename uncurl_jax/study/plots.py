@@ -20,13 +20,26 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
+from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import arms
 from uncurl_jax.study import statistics
 from uncurl_jax.study.rows import ResultRow
 from uncurl_jax.study.report import ordered_models
 
 
 # The arms that frame the methods in `plot_pruning_factor`: the floor, then the ceiling.
-FRAME_ARMS = ("experts_off", "oracle")
+
+
+def _frame(method: str) -> str | None:
+  """'floor' for a method that zeroes the experts' outputs, 'ceiling' for the oracle arm."""
+  if method == arms.ORACLE:
+    return "ceiling"
+  if method in pruning_methods.names() and pruning_methods.get(method).zero_outputs:
+    return "floor"
+  return None
+
+
+FRAMES = ("floor", "ceiling")
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
   FigureCanvasAgg(figure)
@@ -97,21 +110,21 @@ def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> N
     for source in sources:
       labels = dict.fromkeys(r.model.split(" ", 1)[1] for r in pruned
                              if r.source_experts == source)
-      frames = {r.method: r.model.split(" ", 1)[1] for r in pruned
-                if r.source_experts == source and r.method in FRAME_ARMS}
+      frames = {_frame(r.method): r.model.split(" ", 1)[1] for r in pruned
+                if r.source_experts == source and _frame(r.method)}
       prefix = f"E={source} " if len(sources) > 1 else ""
-      if len(frames) == len(FRAME_ARMS):
+      if len(frames) == len(FRAMES):
         sizes = sorted({r.num_experts for r in pruned if r.source_experts == source
-                        and r.method in FRAME_ARMS}, reverse=True)
+                        and _frame(r.method)}, reverse=True)
         low, high = ([_estimate_or_nan(summary, (task, f"{source}->{d} {frames[m]}"))[0]
-                      for d in sizes] for m in FRAME_ARMS)
+                      for d in sizes] for m in FRAMES)
         x = [source / d for d in sizes]
         if len(x) == 1:  # one factor: a band around it
           x, low, high = [x[0] / 1.12, x[0] * 1.12], low * 2, high * 2
         axis.fill_between(x, low, high, color="0.85", zorder=0,
                           label=f"{prefix}floor (experts off) to ceiling (oracle)")
       for label in labels:
-        if label in frames.values() and len(frames) == len(FRAME_ARMS):
+        if label in frames.values() and len(frames) == len(FRAMES):
           continue
         sizes = sorted({r.num_experts for r in pruned if r.source_experts == source
                         and r.model.split(" ", 1)[1] == label}, reverse=True)

@@ -32,6 +32,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.study import statistics
 from uncurl_jax.study.rows import ResultRow
 from uncurl_jax.study.rows import reference_label
@@ -174,7 +175,9 @@ def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None
     |---|---|---|---|---|
     | rte | 32->8 uncurl (reinit) | +1.53 ± 0.38 (95% CI, seeds 3)+ | ... |
   """
-  lines = ["| task | model | - same size from scratch | - source | - frequency |",
+  # The paper's selection baseline (frequency pruning), with the router the paper gives it.
+  selection = next(m for m in pruning_methods.with_role("baseline") if not m.merges)
+  lines = [f"| task | model | - same size from scratch | - source | - {selection.name} |",
            "|---|---|---|---|---|"]
   for task in dict.fromkeys(row.task for row in rows):
     pruned = [m for m in ordered_models(rows) if any(
@@ -182,10 +185,10 @@ def differences_table(rows: Sequence[ResultRow], *, items: Mapping | None = None
     for model in pruned:
       row = next(r for r in rows if r.model == model)
       frequency = [r for r in rows if r.task == task and r.kind == "pruned"
-                   and r.method == "frequency" and (r.source_experts, r.num_experts)
+                   and r.method == selection.name and (r.source_experts, r.num_experts)
                    == (row.source_experts, row.num_experts)]
       # The paper's frequency pruning (a sliced router) where the study has it.
-      paper_router = statistics.PAPER_BASELINE_ROUTERS["frequency"]
+      paper_router = selection.paper_router
       frequency.sort(key=lambda r: (r.router not in ("", paper_router), r.router != row.router))
       references = (reference_label(row), f"+{row.source_experts}e",
                     frequency[0].model if frequency else None)

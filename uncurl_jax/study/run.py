@@ -24,6 +24,7 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 from uncurl_jax.pruning import features
+from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.study import config as config_lib
 from uncurl_jax.study import plots
 from uncurl_jax.study import report
@@ -97,7 +98,8 @@ def _task_figures(study: runner.Study, output_dir: str) -> dict[str, str]:
               and row.kind == "pruned" and row.source == source]
     size = pruned[0].num_experts if pruned else None
     uncurl = next((row for row in pruned if row.num_experts == size
-                   and row.method.method == "uncurl" and row.before is not None), None)
+                   and row.method.method == pruning_methods.proposed().name
+                   and row.before is not None), None)
     labels = anchors = None
     if uncurl is not None:
       plan = study.done[uncurl.before.inputs[0].key].result

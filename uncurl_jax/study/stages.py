@@ -39,6 +39,7 @@ from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
 from uncurl_jax.model import router as router_lib
 from uncurl_jax.pruning import features
+from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
 from uncurl_jax.train import state as state_lib
@@ -161,7 +162,7 @@ def prune_model(directory: str, *, params: Any, config: configs.ModelConfig,
     kwargs["features"] = method.features
   name, count = method.method, num_experts
   if selection is not None:  # the oracle arm: keep the selected experts, router bound
-    name, count, kwargs["selection"] = "selection", None, selection
+    name, count, kwargs["selection"] = pruning_methods.SELECTION, None, selection
   plan = pruning.plan_pruning(host_params, stats, count, method=name,
                               router=method.router_used, seed=seed,
                               router_init_std=config.router_init_std or config.init_std,
@@ -232,8 +233,10 @@ class StageWork:
   def stats_cost(self) -> float:
     return 2.0 * self.config.logits_max_tokens / self._unit
 
-  def prune_cost(self, method) -> float:
-    return 20.0 if method.method in ("uncurl", "frequency_merge", "mc_smoe") else 5.0
+  def prune_cost(self, method: str) -> float:
+    """Pruning by registered method `method`: aligning experts (Hungarian matching) is the
+    expensive kind."""
+    return 20.0 if pruning_methods.get(method).aligns else 5.0
 
   # Compiling a step or a scorer for a new shape, measured on the default study (2-core
   # CPU, shared): a train step ~40 s, a scorer ~20 s, a pretraining step ~0.13 s.

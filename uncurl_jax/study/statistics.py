@@ -51,18 +51,26 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import scipy.stats
 
+from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.study.rows import ResultRow
 
 ALPHA = 0.05  # two-sided level of the intervals and tests: 95% intervals
 PHASES = ("one_shot", "finetuned")  # findings() judges both, in this order
 PHASE_NAMES = {"one_shot": "one-shot", "finetuned": "after finetuning"}
-PAPER_ROUTER = "reinit"  # the paper's UNCURL variant re-initializes the router
-BASELINES = ("frequency", "frequency_merge")  # methods finding 3 says UNCURL beats
-# Their routers in the paper: frequency pruning slices the router to the kept experts,
-# frequency-based merging re-initializes it. Where a study has those rows, finding 3 is
-# judged against them (stronger variants, e.g. frequency with its router bound, are other
-# baselines than the paper's); otherwise against every row of the method.
-PAPER_BASELINE_ROUTERS = {"frequency": "anchor", "frequency_merge": "reinit"}
+
+
+def paper_method() -> pruning_methods.Method:
+  """The method the paper proposes (UNCURL; its variant re-initializes the router)."""
+  return pruning_methods.proposed()
+
+
+def paper_baselines() -> dict[str, str]:
+  """{method: the router the paper gives it} of the baselines finding 3 says UNCURL beats
+  (frequency pruning slices the router to the kept experts, frequency-based merging
+  re-initializes it). Where a study has those rows, finding 3 is judged against them
+  (stronger variants, e.g. frequency with its router bound, are other baselines than the
+  paper's); otherwise against every row of the method."""
+  return {m.name: m.paper_router for m in pruning_methods.with_role("baseline")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,19 +322,19 @@ def _variants(rows: Sequence[ResultRow], task: str, phase: str, pair: tuple[int,
               lower_is_better: bool) -> dict[str, str | None]:
   """{'paper': label, 'best': label} of the UNCURL rows at `pair` (None where absent).
 
-  The paper's variant: method 'uncurl' with router 'reinit' (exactly: no other features).
-  The best: the UNCURL label with the highest mean `phase` score over seeds (lowest for a
+  The paper's variant: the paper's method with its router (`paper_method()`: 'uncurl',
+  'reinit'; exactly: no other features). The best: the UNCURL label with the highest mean `phase` score over seeds (lowest for a
   loss); on a tie, the first in the rows' order.
   """
   scores: dict[str, list[float]] = {}
-  paper = None
+  paper, method = None, paper_method()
   for r in rows:
     score = _phase_score(r, phase)
-    if (r.task != task or r.kind != "pruned" or r.method != "uncurl" or score is None
+    if (r.task != task or r.kind != "pruned" or r.method != method.name or score is None
         or (r.source_experts, r.num_experts) != tuple(pair)):
       continue
     scores.setdefault(r.model, []).append(score)
-    if r.router == PAPER_ROUTER and paper is None:
+    if r.router == method.paper_router and paper is None:
       paper = r.model
   sign = -1.0 if lower_is_better else 1.0
 
@@ -339,7 +347,8 @@ def _variants(rows: Sequence[ResultRow], task: str, phase: str, pair: tuple[int,
 
 def _variant_text(kind: str, label: str | None) -> str:
   if kind == "paper":
-    return ("paper's variant: uncurl (reinit)" if label is None
+    method = paper_method()
+    return (f"paper's variant: {method.name} ({method.paper_router})" if label is None
             else f"paper's variant: {label.split(' ', 1)[1]}")
   return "best variant" if label is None else f"best variant: {label.split(' ', 1)[1]}"
 
@@ -404,14 +413,14 @@ def findings(rows: Sequence[ResultRow], *, pairs: Sequence[tuple[int, int]],
       if pairs:
         e, d = pairs[0]
         variants = _variants(rows, task, phase, (e, d), lower_is_better)
+        routers = paper_baselines()
         candidates = [r for r in rows if r.task == task and r.kind == "pruned"
-                      and r.method in BASELINES and (r.source_experts, r.num_experts) == (e, d)
+                      and r.method in routers and (r.source_experts, r.num_experts) == (e, d)
                       and _phase_score(r, phase) is not None]
-        papers = {r.method for r in candidates
-                  if r.router == PAPER_BASELINE_ROUTERS.get(r.method)}
+        papers = {r.method for r in candidates if r.router == routers[r.method]}
         baselines = list(dict.fromkeys(
             r.model for r in candidates
-            if r.method not in papers or r.router == PAPER_BASELINE_ROUTERS[r.method]))
+            if r.method not in papers or r.router == routers[r.method]))
         for kind, label in variants.items():
           suffix = f" ({_variant_text(kind, label)})"
           claims = (f"{tag} UNCURL {e}->{d} keeps the benefit (beats {_reference(d)} from "

@@ -1,15 +1,13 @@
-"""In-process training of the study's stages, sharing compiled steps and data across them.
+"""In-process training of the study's stages, sharing compiled runs and data across them.
 
-`train.run.train` builds a seqio pipeline and compiles a train step on every call; the
-study runs a dozen finetunings per task, most of them of same-size models on the same
-data, so it would rebuild the same pipeline (about 10 s of TensorFlow tracing on a small
-CPU) and retrace the same step every time. `StageTrainer` keeps one `Trainer` per (model,
-procedure), whose compiled variants every stage of that kind reuses, and the batches of
-each (task, procedure), read once, around the one training loop (`train.loop`): the same
-initialization and dropout keys and the same batch order as `train.run.train`, so a stage
-trains exactly the model `train.run.train` would (tests/study/test_study.py checks this).
-Training state is checkpointed with orbax in the stage directory, so an interrupted stage
-resumes.
+Every stage trains through `train.builder.Run`, the one way a training run is built (the
+same as `python -m uncurl_jax.train`): the checkpoint manager, the initial state, the keys
+and the loop are the builder's. What is the study's own is caching: it runs a dozen
+finetunings per task, most of them of same-size models on the same data, so
+`StageTrainer` keeps one `Run` per (model, procedure), whose compiled variants every stage
+of that kind reuses, and the batches of each (task, procedure), read once from seqio
+(rebuilding a pipeline costs about 10 s of TensorFlow tracing on a small CPU). Training
+state is checkpointed in the stage directory, so an interrupted stage resumes.
 
 Example:
   >>> trainer = StageTrainer(mesh=mesh, seed=0, checkpoint_every_steps=100)
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -30,10 +27,8 @@ from uncurl_jax import model as model_lib
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
-from uncurl_jax.train import checkpoints
-from uncurl_jax.train import loop
+from uncurl_jax.train import builder
 from uncurl_jax.train import schedules
-from uncurl_jax.train import trainer as trainer_lib
 
 # Training batches of a (task, procedure) are kept in memory up to this many tokens and
 # streamed from seqio beyond (pretraining at scale).
@@ -61,24 +56,23 @@ class StageTrainer:
     self.mesh = mesh
     self._checkpoint_every, self._log_every = checkpoint_every_steps, log_every_steps
     self._max_cached_tokens, self._unit_tokens = max_cached_tokens, unit_tokens
-    self._trainers: dict[str, trainer_lib.Trainer] = {}
+    self._runs: dict[str, builder.Run] = {}
     self._batches: dict[str, list] = {}
     self._streams: dict[str, Iterator[dict]] = {}
 
-  def _trainer(self, config: configs.ModelConfig, settings, *, router_warmup: bool,
-               dropping: schedules.ProgressiveDropping | None) -> trainer_lib.Trainer:
+  def _run(self, config: configs.ModelConfig, settings, *, router_warmup: bool,
+           dropping: schedules.ProgressiveDropping | None) -> builder.Run:
     warmup = settings.router_warmup_steps if router_warmup else 0
     key = cache_lib.config_key({"config": config, "settings": settings, "warmup": warmup,
                                 "dropping": dropping})
-    if key not in self._trainers:
-      self._trainers[key] = trainer_lib.Trainer(
-          config=config, mesh=self.mesh, batch_shape=(settings.batch_size, settings.length),
-          phases=schedules.training_phases(train_steps=settings.steps,
-                                           router_warmup_steps=warmup),
-          make_optimizer=settings.make_optimizer(),
+    if key not in self._runs:
+      self._runs[key] = builder.Run(config, builder.RunSettings(
+          batch_size=settings.batch_size, length=settings.length, steps=settings.steps,
+          make_optimizer=settings.make_optimizer(), router_warmup_steps=warmup,
           router_warmup_learning_rate=settings.router_warmup_learning_rate,
-          dropping=dropping)
-    return self._trainers[key]
+          dropping=dropping, checkpoint_every_steps=self._checkpoint_every,
+          keep_checkpoints=1, log_every_steps=self._log_every), mesh=self.mesh)
+    return self._runs[key]
 
   def _data_args(self, task: str, settings) -> dict[str, Any]:
     return dict(mixture_or_task_name=task,
@@ -143,33 +137,26 @@ class StageTrainer:
       (final params, JSON summary: final expert count, steps, first step trained by this
       call, last logged loss).
     """
-    run = self._trainer(config, settings, router_warmup=router_warmup, dropping=dropping)
-    manager = checkpoints.make_manager(os.path.join(directory, "checkpoints"), keep=1)
-    rng = jax.random.key(seed)
+    run = self._run(config, settings, router_warmup=router_warmup, dropping=dropping)
     unit = settings.batch_size * settings.length / (self._unit_tokens or
                                                      settings.batch_size * settings.length)
-    try:
-      # A resumed stage restarts from its checkpoint, whatever init_params are.
-      state = run.initial_state(manager, rng=jax.random.fold_in(rng, 0), init_params=init_params)
-      start, logged = int(state.step), [int(state.step)]
+    logged = [0]
 
-      def on_log(step, variant, scalars):
-        del variant, scalars
-        if on_steps is not None:
-          on_steps((step - logged[0]) * unit)
-        logged[0] = step
-      batches = self._train_batches(task, settings, seed, data_offset + start,
-                                    data_offset + settings.steps)
-      state, history = loop.train_loop(
-          run, state, batches, manager=manager, total_steps=settings.steps,
-          dropout_rng=jax.random.fold_in(rng, 1), checkpoint_every=self._checkpoint_every,
-          log_every=self._log_every, probe=self._probe(task, settings, dropping),
-          on_log=on_log)
-    finally:
-      manager.wait_until_finished()
-      manager.close()
-    final_loss = history[-1][1]["loss"] if history else None
-    return state.params, {"experts_per_layer": model_lib.expert_counts(state.params),
-                          "model_config": dataclasses.asdict(run.variant_of(state).config),
-                          "steps": int(state.step), "first_step": start + 1,
-                          "final_loss": final_loss}
+    def on_start(step):
+      logged[0] = step
+
+    def on_log(step, variant, scalars):
+      del variant, scalars
+      if on_steps is not None:
+        on_steps((step - logged[0]) * unit)
+      logged[0] = step
+    result = run.train(
+        directory, seed=seed, init_params=init_params,
+        batches=lambda start: self._train_batches(task, settings, seed, data_offset + start,
+                                                  data_offset + settings.steps),
+        probe=self._probe(task, settings, dropping), on_start=on_start, on_log=on_log)
+    final_loss = result.history[-1][1]["loss"] if result.history else None
+    return result.state.params, {
+        "experts_per_layer": model_lib.expert_counts(result.state.params),
+        "model_config": dataclasses.asdict(result.config), "steps": int(result.state.step),
+        "first_step": result.first_step, "final_loss": final_loss}

@@ -2,7 +2,8 @@
 
 Both are plain functions with keyword arguments; `python -m uncurl_jax.train` binds them
 with gin (see `uncurl_jax.train.__main__`). `train` builds the run's `Trainer`, data and
-evaluation, then runs `loop.train_loop`, writing TensorBoard events and progress lines.
+evaluation, then trains it with `builder.Run` (the one way a training run is built),
+writing TensorBoard events and progress lines.
 
 Example:
   >>> result = train(model_dir="/tmp/tiny", model_config=configs.get("tiny"),
@@ -29,9 +30,9 @@ from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
 from uncurl_jax.model import forward as forward_lib
 from uncurl_jax.model import partitioning
+from uncurl_jax.train import builder
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
-from uncurl_jax.train import loop
 from uncurl_jax.train import metrics as metrics_lib
 from uncurl_jax.train import optim
 from uncurl_jax.train import schedules
@@ -140,18 +141,15 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
                     tasks={"MIXTURE_OR_TASK_NAME": mixture_or_task_name,
                            "eval_mixture_or_task_name": eval_mixture_or_task_name},
                     init_checkpoint=init_checkpoint)
-  trainer = trainer_lib.Trainer(
-      config=model_config, mesh=mesh,
-      batch_shape=(batch_size, pipeline.model_length(task_feature_lengths)),
-      phases=schedules.training_phases(train_steps=train_steps,
-                                       router_warmup_steps=router_warmup_steps),
-      make_optimizer=make_optimizer, router_warmup_learning_rate=router_warmup_learning_rate,
-      dropping=progressive_dropping, adapt_experts_to_checkpoint=adapt_experts_to_checkpoint)
-  manager = checkpoints.make_manager(os.path.join(model_dir, "checkpoints"),
-                                     keep=keep_checkpoints, async_save=async_checkpointing)
-  state = trainer.initial_state(manager, init_checkpoint=init_checkpoint,
-                                init_checkpoint_step=init_checkpoint_step,
-                                rng=jax.random.fold_in(jax.random.key(seed), 0))
+  run = builder.Run(model_config, builder.RunSettings(
+      batch_size=batch_size, length=pipeline.model_length(task_feature_lengths),
+      steps=train_steps, make_optimizer=make_optimizer,
+      router_warmup_steps=router_warmup_steps,
+      router_warmup_learning_rate=router_warmup_learning_rate, dropping=progressive_dropping,
+      adapt_experts_to_checkpoint=adapt_experts_to_checkpoint,
+      checkpoint_every_steps=checkpoint_every_steps, keep_checkpoints=keep_checkpoints,
+      async_checkpointing=async_checkpointing, log_every_steps=log_every_steps,
+      eval_every_steps=eval_every_steps), mesh=mesh)
   data_args = dict(mixture_or_task_name=mixture_or_task_name,
                    task_feature_lengths=dict(task_feature_lengths), use_cached=use_cached)
   evaluator = None if eval_split is None else evaluation.Evaluation(
@@ -160,24 +158,21 @@ def train(*, model_dir: str, model_config: configs.ModelConfig, mixture_or_task_
       use_cached=use_cached, mesh=mesh, batch_size=batch_size, split=eval_split,
       loss_batches=eval_loss_batches, pack=pack, task_metrics=eval_task_metrics,
       task_examples=eval_task_examples)
-  batches = pipeline.train_dataset(**data_args, global_batch_size=batch_size, seed=data_seed,
-                                   pack=pack, start_step=int(state.step)).as_numpy_iterator()
-  logger = _RunLogger(model_dir, total_steps=train_steps, start_step=int(state.step),
-                      evaluator=evaluator)
+  logger = _RunLogger(model_dir, total_steps=train_steps, evaluator=evaluator)
   try:
-    state, history = loop.train_loop(
-        trainer, state, batches, manager=manager, total_steps=train_steps,
-        dropout_rng=jax.random.fold_in(jax.random.key(seed), 1),
-        checkpoint_every=checkpoint_every_steps, log_every=log_every_steps,
-        eval_every=eval_every_steps,
+    result = run.train(
+        model_dir, seed=seed, init_checkpoint=init_checkpoint,
+        init_checkpoint_step=init_checkpoint_step,
+        batches=lambda start: pipeline.train_dataset(
+            **data_args, global_batch_size=batch_size, seed=data_seed, pack=pack,
+            start_step=start).as_numpy_iterator(),
         probe=_dropping_probe(progressive_dropping, data_args, batch_size, pack),
-        on_log=logger.log, on_eval=None if evaluator is None else logger.evaluate)
+        on_start=logger.start, on_log=logger.log,
+        on_eval=None if evaluator is None else logger.evaluate)
   finally:
-    manager.wait_until_finished()
-    manager.close()
     logger.close()
-  return TrainResult(state=state, config=trainer.variant_of(state).config,
-                     train_metrics=history, eval_metrics=logger.eval_history)
+  return TrainResult(state=result.state, config=result.config,
+                     train_metrics=result.history, eval_metrics=logger.eval_history)
 
 
 def _dropping_probe(dropping, data_args, batch_size, pack):
@@ -200,17 +195,25 @@ class _RunLogger:
   """A progress bar with the run's ETA and its main metrics, TensorBoard events
   (MODEL_DIR/train, MODEL_DIR/eval) and a line per evaluation (also logged)."""
 
-  def __init__(self, model_dir: str, *, total_steps: int, start_step: int,
+  def __init__(self, model_dir: str, *, total_steps: int,
                evaluator: evaluation.Evaluation | None):
-    self.progress = metrics_lib.ProgressMeter(total_steps=total_steps, start_step=start_step)
-    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", file=sys.stdout,
-                         disable=jax.process_index() != 0,
-                         mininterval=0.5 if sys.stdout.isatty() else 30.0)
-    self._step = start_step
-    self.train_writer = metrics_lib.TensorBoardWriter(os.path.join(model_dir, "train"))
-    self.eval_writer = metrics_lib.TensorBoardWriter(os.path.join(model_dir, "eval"))
+    self.model_dir, self.total_steps = model_dir, total_steps
+    self.progress = self.bar = self.train_writer = self.eval_writer = None
+    self._step = 0
     self.evaluator = evaluator
     self.eval_history: list[tuple[int, dict[str, float]]] = []
+
+  def start(self, start_step: int) -> None:
+    """Starts the bar, the ETA and the event files at the run's first step (past 0 when
+    resumed): a run refused before it starts writes nothing."""
+    self.train_writer = metrics_lib.TensorBoardWriter(os.path.join(self.model_dir, "train"))
+    self.eval_writer = metrics_lib.TensorBoardWriter(os.path.join(self.model_dir, "eval"))
+    self.progress = metrics_lib.ProgressMeter(total_steps=self.total_steps,
+                                              start_step=start_step)
+    self.bar = tqdm.tqdm(total=self.total_steps, initial=start_step, unit="step",
+                         file=sys.stdout, disable=jax.process_index() != 0,
+                         mininterval=0.5 if sys.stdout.isatty() else 30.0)
+    self._step = start_step
 
   def log(self, step: int, variant: trainer_lib.Variant, scalars: dict[str, float]) -> None:
     del variant  # num_experts is among the scalars
@@ -233,9 +236,9 @@ class _RunLogger:
     self.eval_history.append((step, results))
 
   def close(self) -> None:
-    self.bar.close()
-    self.train_writer.close()
-    self.eval_writer.close()
+    for opened in (self.bar, self.train_writer, self.eval_writer):
+      if opened is not None:
+        opened.close()
 
 
 # ------------------------------------------------------------------------------------------
