@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import numpy as np
