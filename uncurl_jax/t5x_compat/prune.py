@@ -42,7 +42,8 @@ _LENGTHS = flags.DEFINE_string("task_feature_lengths", "{'inputs': 224, 'targets
                                "Python dict of the task's feature lengths.")
 _EXPERTS = flags.DEFINE_integer("num_experts", None, "Experts to keep per MoE layer "
                                 "(default: the paper's, 4x fewer up to 32 experts, 2x above).")
-_METHOD = flags.DEFINE_string("method", pruning.methods.DEFAULT_METHOD, "Pruning method (uncurl_jax.pruning.METHODS).")
+_METHOD = flags.DEFINE_string("method", pruning.methods.DEFAULT_METHOD,
+                              "Pruning method (uncurl_jax.pruning.METHODS).")
 _ROUTER = flags.DEFINE_string("router", None, "Router of the pruned layers: reinit, anchor or "
                               "merge (default: the method's).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of clustering and of a re-initialized router.")
@@ -52,7 +53,8 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Batch size of the logits p
 
 def prune_checkpoint(checkpoint_path: str, output_dir: str, *, model: str,
                      mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
-                     num_experts: int | None = None, method: str = pruning.methods.DEFAULT_METHOD,
+                     num_experts: int | None = None,
+                     method: str = pruning.methods.DEFAULT_METHOD,
                      router: str | None = None, seed: int = 0, max_tokens: int = 65536,
                      batch_size: int = 32) -> tuple[str, pruning.PrunePlan]:
   """Prunes a t5x checkpoint for a task; returns (pruned checkpoint directory, plan).
