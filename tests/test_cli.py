@@ -73,16 +73,27 @@ def test_rewrite_gin_args_quotes_plain_strings():
 def test_path_parameters_and_their_macros_become_absolute(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
 
-  def register():
-    return {"f": gin.external_configurable(lambda model_dir=None, other=None: None,
-                                           name="f", module="cli_test")}
+  registered = {}
+
+  def register():  # once: gin refuses a second configurable of the same name
+    if not registered:
+      registered["f"] = gin.external_configurable(lambda model_dir=None, other=None: None,
+                                                  name="f", module="cli_test")
+    return dict(registered)
   try:
     cli.parse_gin(configurables=register, gin_files=[], gin_bindings=[
         "DIR = 'runs/x'", "LINK = %DIR", "cli_test.f.model_dir = %LINK",
         "cli_test.f.other = 'keep/relative'"],
                   path_parameters=["cli_test.f.model_dir", "cli_test.f.missing"])
     assert gin.query_parameter("DIR/macro.value") == str(tmp_path / "runs" / "x")
+    # The parameter still refers to the macro chain (the macro itself was rebound).
+    assert isinstance(gin.query_parameter("cli_test.f.model_dir"),
+                      gin.config.ConfigurableReference)
     assert gin.query_parameter("cli_test.f.other") == "keep/relative"
+    gin.clear_config()
+    cli.parse_gin(configurables=register, gin_files=[], gin_bindings=[
+        "cli_test.f.model_dir = 'gs://bucket/runs/x'"], path_parameters=["cli_test.f.model_dir"])
+    assert gin.query_parameter("cli_test.f.model_dir") == "gs://bucket/runs/x"
   finally:
     gin.clear_config()
 
@@ -224,3 +235,15 @@ def test_a_command_that_returns_results_exits_0(monkeypatch):
   with pytest.raises(SystemExit) as exit_info:
     cli.run(lambda argv: {"rows": ["a result"]})
   assert exit_info.value.code in (None, 0)
+
+
+def test_error_messages_name_gins_configurables_without_memory_addresses(tmp_path, capsys):
+  """gin appends "In call to configurable 'run' (<function run at 0x7f...>)": the
+  configurable's name is kept, the address is not."""
+  error = ValueError("BATCH_SIZE=0 must be >= 1\n  In call to configurable 'run' "
+                     "(<function run at 0x7f3a2b1c0d90>)")
+  assert cli.short_message(error) == ("ValueError: BATCH_SIZE=0 must be >= 1\n"
+                                      "  In call to configurable 'run'")
+  err = _exit_message(capsys, TRAIN_ARGS + [f"--gin.MODEL_DIR={tmp_path}",
+                                            "--gin.BATCH_SIZE=0"])
+  assert "BATCH_SIZE" in err and "0x" not in err

@@ -187,9 +187,22 @@ def exit_with_message(program: str, message: str) -> None:
   sys.exit(USAGE_EXIT_CODE)
 
 
+# Gin names the configurable a call went through with its Python object's repr:
+# "In call to configurable 'run' (<function run at 0x7f...>)". The name stays, the address
+# (different in every process) goes.
+_OBJECT_REPR = re.compile(r"\s*\(<[^<>]*? at 0x[0-9a-fA-F]+>\)")
+
+
 def short_message(error: BaseException, max_lines: int = 4) -> str:
-  """The first lines of an error's message (gin appends the configurables it passed)."""
-  lines = [line for line in str(error).splitlines() if line.strip()]
+  r"""The first lines of an error's message (gin appends the configurables it passed,
+  named without their memory addresses).
+
+  Example:
+    >>> short_message(ValueError("bad\n  In call to configurable 'run' (<function run at 0x7f>)"))
+    "ValueError: bad\n  In call to configurable 'run'"
+  """
+  lines = [_OBJECT_REPR.sub("", line).strip() for line in str(error).splitlines()
+           if line.strip()]
   text = "\n  ".join(lines[:max_lines]) or type(error).__name__
   return f"{type(error).__name__}: {text}"
 

@@ -365,3 +365,16 @@ def test_a_column_mask_is_the_bound_selection_and_the_greedy_oracle_finds_a_plan
                                     ("layers_2/mlp", 3)]
   with pytest.raises(ValueError, match="target"):
     pruning.greedy_selection(score, {"layers_0/mlp": 8}, {"layers_0/mlp": 9})
+
+
+def test_one_batch_is_taken_as_a_batch_of_its_own():
+  """A single batch dict where an iterable of batches is expected is one batch (iterating
+  the dict would give its keys: 'task batch 0 must be a mapping ..., got str')."""
+  batch, params = _batches(1)[0], _init(CONFIG)
+  one = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, batch, progress=False)
+  listed = model_lib.collect_router_logits(SMoEDecoder(CONFIG), params, [batch], progress=False)
+  assert one.keys() == listed.keys()
+  for name in one:
+    np.testing.assert_array_equal(one[name], listed[name])
+  stats = pruning.collect_expert_stats(SMoEDecoder(CONFIG), params, batch, progress=False)
+  np.testing.assert_array_equal(stats["layers_0/mlp"].logits, listed["layers_0/mlp"])

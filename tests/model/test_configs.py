@@ -157,3 +157,22 @@ def test_with_expert_counts_from_ints_sequences_and_layer_paths():
     configs.with_expert_counts(cfg, [2, 0])
   with pytest.raises(ValueError, match="does not start with 'layers_<block>'"):
     configs.with_expert_counts(cfg, {"decoder/mlp": 2})
+
+
+@pytest.mark.parametrize("maps, match", [
+    (((0, 1, -1, 2),), "one map per MoE layer"),                     # one map, two layers
+    (((0, 1, -1, 2), (0, 1, 2)), "covering \\[0, 4\\)"),              # expert 3 never bound
+    (((0, 1, 3, 2), (0, 0, 1, 2, 3)), None),                          # valid, a shared expert
+    (((0, 1, 5, 2), (0, 1, 2, 3)), "covering \\[0, 4\\)"),            # an expert outside [0, 4)
+    (((-1, -1, -1, -1), (0, 1, 2, 3)), "at least top_k=1"),           # nothing bound
+])
+def test_router_maps_bind_every_expert_of_every_moe_layer(maps, match):
+  """A bound router's map per MoE layer: one per layer, every expert in [0, E) bound by some
+  column, at least top_k columns bound (-1: a column never chosen)."""
+  make = lambda: configs.get("tiny", num_layers=4, moe_every=2, num_experts=4,
+                             layer_router_maps=maps)
+  if match is None:
+    assert make().layer_router_maps == maps
+  else:
+    with pytest.raises(ValueError, match=match):
+      make()

@@ -92,6 +92,14 @@ def test_streaming_statistics_equal_a_one_shot_numpy_computation():
                                       progress=False)
   np.testing.assert_array_equal(some["layers_0/mlp"].logits, stats["layers_0/mlp"].logits[:30])
   assert some["layers_0/mlp"].topk_counts.sum() == 60
+  # A limit inside the second batch: all of the first batch's real tokens, 3 of the second.
+  first = int(np.sum(np.asarray(batches[0]["decoder_loss_weights"]) > 0))
+  across = pruning.collect_expert_stats(SMoEDecoder(CONFIG), params, batches,
+                                        max_tokens=first + 3, progress=False)
+  for name in stats:
+    np.testing.assert_array_equal(across[name].logits, stats[name].logits[:first + 3])
+    assert across[name].topk_counts.sum() == 2 * (first + 3)
+    assert across[name].top1_counts.sum() == first + 3
 
 
 def test_reap_removes_the_most_chosen_expert_whose_output_is_zero_and_frequency_keeps_it():

@@ -37,10 +37,11 @@ def _refused(error, match, params=None, logits=None, num_experts=3, **kwargs):
 
 
 @pytest.mark.parametrize("make, error, match", [
-    (lambda h: h > 0, TypeError, "real floating point numbers, got dtype bool"),
+    (lambda h: h > 0, TypeError, "real numbers, got dtype bool"),
     (lambda h: h.astype(np.complex64), TypeError, "got dtype complex64"),
     (lambda h: h.astype(str), TypeError, "got dtype <U"),
-    (lambda h: h.astype(np.int32), TypeError, "got dtype int32"),
+    (lambda h: np.where(h > 2, 1e39, h.astype(np.float64)), ValueError,
+     r"values beyond float32's range \(\|x\| > 3.4e\+38\)"),
     (lambda h: [list(row) for row in h[:3]] + [[0.0]], ValueError, "ragged"),
     (lambda h: np.where(h > 2, np.nan, h), ValueError, "NaN or infinite"),
     (lambda h: h[None], ValueError, r"must be \[tokens, E=8\]"),
@@ -50,6 +51,14 @@ def test_bad_logits_are_refused(make, error, match):
   logits = _logits()
   logits["layers_2/mlp"] = make(logits["layers_2/mlp"])
   _refused(error, match, logits=logits)
+
+
+def test_integer_logits_are_numbers():
+  """Integer router logits are accepted and give the plan of the same logits as floats."""
+  logits = {name: np.round(h * 4) for name, h in _logits().items()}
+  as_ints = {name: h.astype(np.int64) for name, h in logits.items()}
+  assert pruning.plan_pruning(_params(), as_ints, 3) == pruning.plan_pruning(
+      _params(), logits, 3)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

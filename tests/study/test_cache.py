@@ -17,6 +17,12 @@ class _Settings:
   rate: float
 
 
+@dataclasses.dataclass(frozen=True)
+class _OtherSettings:  # the same fields as _Settings, another type
+  steps: int
+  rate: float
+
+
 def test_config_key_ignores_dict_order_and_container_type():
   a = study_cache.config_key({"b": [1, 2], "a": {"y": 1, "x": np.int64(3)}})
   b = study_cache.config_key({"a": {"x": 3, "y": 1}, "b": (1, 2)})
@@ -25,6 +31,8 @@ def test_config_key_ignores_dict_order_and_container_type():
   # Dataclasses hash by type name and fields; distinct values give distinct keys.
   assert (study_cache.config_key({"s": _Settings(3, 0.1)})
           != study_cache.config_key({"s": _Settings(4, 0.1)}))
+  assert (study_cache.config_key({"s": _Settings(3, 0.1)})
+          != study_cache.config_key({"s": _OtherSettings(3, 0.1)}))
   assert len(a) == 64 and int(a, 16) >= 0
 
 

@@ -77,6 +77,12 @@ def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) ->
   forward_lib.check_params(model, params, "the params", batch_shape=tuple(batch_shape))
 
 
+def as_batches(batches: Any) -> Iterable[Mapping[str, Any]]:
+  """`batches`, or `[batches]` when it is one batch (a mapping of arrays) rather than an
+  iterable of them."""
+  return [batches] if isinstance(batches, Mapping) else batches
+
+
 def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
   """[B, L] bool: which positions of a batch are real tokens (not padding).
 
@@ -144,7 +150,8 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
     model: A flax module with t5x's decoder call signature whose MoE layers sow
       'router_logits'/'logits' ([B, L, E], e.g. `uncurl_jax.SMoEDecoder`).
     params: Its params.
-    batches: Iterable of dicts with 'decoder_input_tokens', 'decoder_target_tokens' and
+    batches: Iterable of dicts (or one dict: one batch) with 'decoder_input_tokens',
+      'decoder_target_tokens' and
       'decoder_loss_weights' or 'decoder_segment_ids' (see `real_token_mask`);
       'decoder_segment_ids' and 'decoder_positions' are passed to the model when
       present, 'decoder_causal_attention' only with bidirectional inputs (below).
@@ -171,6 +178,7 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
   """
   if max_tokens is not None:
     checks.integer("max_tokens", max_tokens, low=1)
+  batches = as_batches(batches)
   forward = forward_lib.sown_forward(model, "router_logits")
   vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
   chunks: dict[str, list[np.ndarray]] = {}

@@ -137,6 +137,7 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
   """
   if max_tokens is not None:
     checks.integer("max_tokens", max_tokens, low=1)
+  batches = collect.as_batches(batches)
   config = getattr(model, "config", None)
   top_k = int(getattr(config, "top_k", 1))
   vocab_size = getattr(config, "vocab_size", None)

@@ -38,25 +38,34 @@ from uncurl_jax.pruning import methods as methods_lib
 
 
 def float_matrix(name: str, value: Any, *, columns: int | None = None) -> np.ndarray:
-  """A finite, non-empty [rows, columns] array of real floating point, as float32 numpy.
+  """A finite, non-empty [rows, columns] array of real numbers, as float32 numpy.
 
-  Refuses ragged nesting, bool/integer/complex/string dtypes, other ranks, no rows and
-  NaN or infinite entries.
+  Integers are numbers and are converted. Refuses ragged nesting, bool/complex/string
+  dtypes, other ranks, no rows, NaN or infinite entries, and values beyond float32's range
+  (pruning computes in float32: they would become infinite there).
   """
   try:
     array = np.asarray(value)
   except ValueError as error:  # ragged nesting
     raise ValueError(f"{name} must be a [tokens, E] array, got a ragged sequence") from error
-  if array.dtype == object or not np.issubdtype(array.dtype, np.floating):
-    raise TypeError(f"{name} must hold real floating point numbers, got dtype {array.dtype}")
+  if array.dtype == object or array.dtype == bool or not (
+      np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
   expected = "[tokens, E]" if columns is None else f"[tokens, E={columns}]"
   if array.ndim != 2 or (columns is not None and array.shape[1] != columns):
     raise ValueError(f"{name} must be {expected}, got shape {array.shape}")
   if array.shape[0] == 0:
     raise ValueError(f"{name} has no tokens")
+  if np.issubdtype(array.dtype, np.integer):
+    array = array.astype(np.float64)
   bad = int(np.sum(~np.isfinite(array)))
   if bad:
     raise ValueError(f"{name} has {bad} NaN or infinite values")
+  limit = float(np.finfo(np.float32).max)
+  beyond = int(np.sum(np.abs(array) > limit))
+  if beyond:
+    raise ValueError(f"{name} has {beyond} values beyond float32's range (|x| > {limit:.3g}); "
+                     "router logits are used as float32")
   return array.astype(np.float32, copy=False)
 
 
