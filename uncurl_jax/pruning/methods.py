@@ -291,6 +291,8 @@ def hc_smoe_grouping(mean_output: np.ndarray, frequencies: np.ndarray,
 
 
 FEATURES = ("router_logits", "expert_outputs")
+# The method that keeps the experts the caller names (the study's oracle arm prunes with it).
+SELECTION = "selection"
 PAPER_ROLES = ("", "proposed", "baseline")
 
 _REGISTRY: dict[str, Method] = {}
@@ -382,7 +384,7 @@ register(Method(
         i.stats[name].mean_output, i.frequencies[name], i.targets[name]))))
 
 register(Method(
-    "selection", merges=False, needs_logits=False, default_router="bind",
+    SELECTION, merges=False, needs_logits=False, default_router="bind",
     needs_selection=True,
     description="keep the experts the caller names per layer (e.g. the study's oracle)",
     group=per_layer(lambda i, name: selection_grouping(
@@ -399,5 +401,4 @@ register(Method(
 METHODS = names()
 # plan_pruning's default: the paper's method.
 DEFAULT_METHOD = proposed().name
-# What the study's oracle arm prunes with: the experts it chose, kept as they are.
-SELECTION = "selection"
+

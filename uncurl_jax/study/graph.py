@@ -43,6 +43,7 @@ class StageGraph:
     config: The study.
     cache: The stage cache (its `events` tell what ran, resumed or was skipped).
     done: {stage key: the finished `cache.Stage`} of this process.
+    work: The non-training stages' work (`stages.StageWork`: statistics, pruning, scores).
     progress: The progress bar training stages advance, while a run is under way.
   """
 
@@ -52,18 +53,13 @@ class StageGraph:
                                       or os.path.join(config.output_dir, "stages"))
     self.done: dict[str, cache_lib.Stage] = {}
     self._params: collections.OrderedDict[str, Any] = collections.OrderedDict()
-    self._work = stages.StageWork(config)
+    self.work = stages.StageWork(config)  # the non-training stages' work
     runtime = config.runtime
     self._trainer = training.StageTrainer(
         mesh=runtime.mesh, checkpoint_every_steps=runtime.checkpoint_every_steps,
         log_every_steps=runtime.log_every_steps, max_cached_tokens=runtime.max_cached_tokens,
         unit_tokens=config.pretrain.batch_size * config.pretrain.length)
     self.progress: Progress | None = None
-
-  @property
-  def work(self) -> stages.StageWork:
-    """The non-training stages' work (router logits, pruning, scoring)."""
-    return self._work
 
   # ----------------------------------------------------------------------------------------
   # Outputs of finished stages.
@@ -140,9 +136,9 @@ class StageGraph:
                    cache_lib.config_key(dataclasses.asdict(settings)), warmup,
                    dropping is not None)
     return self._model_stage(name, key, run, inputs=[] if init is None else [init],
-                             cost=self._work.train_cost(settings), kind="train",
+                             cost=self.work.train_cost(settings), kind="train",
                              compile_key=compile_key,
-                             compile_cost=self._work.train_compile_cost())
+                             compile_cost=self.work.train_compile_cost())
 
   def pretrained(self, num_experts: int, seed: int) -> StageSpec:
     """The pretrained (and, if configured, pre-finetuned) model with `num_experts`."""
@@ -193,23 +189,23 @@ class StageGraph:
                  seed: int) -> StageSpec:
     """A source's task statistics (router logits and expert statistics, `stats.npz`)."""
     def work(directory):
-      return self._work.collect_stats(directory, task, self.model_config(base),
+      return self.work.collect_stats(directory, task, self.model_config(base),
                                       self.params(base))
-    return self.cache.plan(f"stats-e{num_experts}-{task.name}", self._work.stats_key(task),
-                           work, inputs=[base], cost=self._work.stats_cost(), kind="stats")
+    return self.cache.plan(f"stats-e{num_experts}-{task.name}", self.work.stats_key(task),
+                           work, inputs=[base], cost=self.work.stats_cost(), kind="stats")
 
   def oracle_selected(self, task: StudyTask, source: StageSpec, pair: tuple[int, int]
                       ) -> StageSpec:
     """The oracle arm's experts for `source` at E -> D, chosen on the development split."""
     def work(directory):
-      return self._work.oracle_select(directory, task, self.model_config(source),
+      return self.work.oracle_select(directory, task, self.model_config(source),
                                       self.params(source), pair[1])
     layers = len(configs.with_expert_counts(self.config.model, pair[0]).moe_layers)
     return self.cache.plan(f"oracle-e{pair[0]}to{pair[1]}-{task.name}",
-                           self._work.oracle_key(task, pair[1]), work, inputs=[source],
-                           cost=self._work.oracle_cost(pair[1], pair[0], layers),
+                           self.work.oracle_key(task, pair[1]), work, inputs=[source],
+                           cost=self.work.oracle_cost(pair[1], pair[0], layers),
                            kind="prune", compile_key=("oracle", pair[0]),
-                           compile_cost=self._work.score_compile_cost())
+                           compile_cost=self.work.score_compile_cost())
 
   def pruned(self, task: StudyTask, method: MethodSpec, pair: tuple[int, int], seed: int, *,
              source: StageSpec, stats: StageSpec, pretrained: StageSpec | None = None,
@@ -217,7 +213,7 @@ class StageGraph:
     """`source` pruned E -> D (`pair`) by `method` (a method that needs the pretrained
     router: also `pretrained`; the oracle: the experts `selected` chose)."""
     def run(directory):
-      params, summary = self._work.prune(
+      params, summary = self.work.prune(
           directory, params=self.params(source), config=self.model_config(source),
           stats_dir=stats.directory, method=method, num_experts=pair[1], seed=seed,
           pretrained_params=None if pretrained is None else self.params(pretrained),
@@ -225,23 +221,23 @@ class StageGraph:
       params = stages.place_params(params, config=configs.from_dict(summary["model_config"]),
                                    mesh=self.config.runtime.mesh)
       return params, {**summary, "checkpoint": stages.PARAMS_DIR}
-    key = self._work.prune_key(method, pair[1], seed)
+    key = self.work.prune_key(method, pair[1], seed)
     inputs = ([source, stats] + ([] if pretrained is None else [pretrained])
               + ([] if selected is None else [selected]))
     return self._model_stage(f"prune-{method.slug}-e{pair[0]}to{pair[1]}-{task.name}", key,
                              run, inputs=inputs, kind="prune",
-                             cost=self._work.prune_cost(
+                             cost=self.work.prune_cost(
                                  pruning_methods.SELECTION if selected else method.method))
 
   def scored(self, task: StudyTask, model: StageSpec, shape: Any) -> StageSpec:
     """Metrics of a model stage on the task, and its expert usage on the task's tokens
     (`shape`: the model's shapes for the progress estimate, see `_train`)."""
     def work(directory):
-      return self._work.score(directory, task, self.model_config(model), self.params(model))
-    return self.cache.plan(f"score-{model.name}", self._work.score_key(task), work,
-                           inputs=[model], cost=self._work.score_cost(), kind="score",
+      return self.work.score(directory, task, self.model_config(model), self.params(model))
+    return self.cache.plan(f"score-{model.name}", self.work.score_key(task), work,
+                           inputs=[model], cost=self.work.score_cost(), kind="score",
                            compile_key=("score", shape),
-                           compile_cost=self._work.score_compile_cost())
+                           compile_cost=self.work.score_compile_cost())
 
   def router_norm_probe_steps(self, task: StudyTask) -> int:
     """Full-parameter steps of router_norm's probe finetuning of the source (a fraction

@@ -59,11 +59,6 @@ PHASES = ("one_shot", "finetuned")  # findings() judges both, in this order
 PHASE_NAMES = {"one_shot": "one-shot", "finetuned": "after finetuning"}
 
 
-def paper_method() -> pruning_methods.Method:
-  """The method the paper proposes (UNCURL; its variant re-initializes the router)."""
-  return pruning_methods.proposed()
-
-
 def paper_baselines() -> dict[str, str]:
   """{method: the router the paper gives it} of the baselines finding 3 says UNCURL beats
   (frequency pruning slices the router to the kept experts, frequency-based merging
@@ -322,12 +317,12 @@ def _variants(rows: Sequence[ResultRow], task: str, phase: str, pair: tuple[int,
               lower_is_better: bool) -> dict[str, str | None]:
   """{'paper': label, 'best': label} of the UNCURL rows at `pair` (None where absent).
 
-  The paper's variant: the paper's method with its router (`paper_method()`: 'uncurl',
+  The paper's variant: the paper's method with its router (`pruning.methods.proposed()`: 'uncurl',
   'reinit'; exactly: no other features). The best: the UNCURL label with the highest mean `phase` score over seeds (lowest for a
   loss); on a tie, the first in the rows' order.
   """
   scores: dict[str, list[float]] = {}
-  paper, method = None, paper_method()
+  paper, method = None, pruning_methods.proposed()
   for r in rows:
     score = _phase_score(r, phase)
     if (r.task != task or r.kind != "pruned" or r.method != method.name or score is None
@@ -347,7 +342,7 @@ def _variants(rows: Sequence[ResultRow], task: str, phase: str, pair: tuple[int,
 
 def _variant_text(kind: str, label: str | None) -> str:
   if kind == "paper":
-    method = paper_method()
+    method = pruning_methods.proposed()
     return (f"paper's variant: {method.name} ({method.paper_router})" if label is None
             else f"paper's variant: {label.split(' ', 1)[1]}")
   return "best variant" if label is None else f"best variant: {label.split(' ', 1)[1]}"
