@@ -6,6 +6,7 @@ user runs them from a fresh clone (orbax refuses relative checkpoint paths).
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -205,13 +206,23 @@ def test_bad_study_configs_are_refused_before_any_stage(tmp_path, monkeypatch, c
   assert not (tmp_path / "out").exists()
 
 
-def test_study_command_runs_with_relative_output_dirs(tmp_path, monkeypatch):
-  monkeypatch.chdir(tmp_path)
-  (tmp_path / "mini.gin").write_text(MINI_STUDY)
-  outcome = study_main.main(cli.parse_flags(["study", "--gin_file=mini.gin"]))
-  assert os.path.isfile(tmp_path / "out" / "report" / "results.csv")
-  assert outcome["files"]["csv"] == str(tmp_path / "out" / "report" / "results.csv")
-  stage_dirs = os.listdir(tmp_path / "out" / "stages")
+@pytest.fixture(scope="module")
+def mini_study(tmp_path_factory):
+  """The miniature study run alone by the study command, from its own folder with the
+  gin file's relative output paths: (folder, outcome)."""
+  folder = tmp_path_factory.mktemp("mini_study")
+  (folder / "mini.gin").write_text(MINI_STUDY)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.chdir(folder)
+    outcome = study_main.main(cli.parse_flags(["study", "--gin_file=mini.gin"]))
+  return folder, outcome
+
+
+def test_study_command_runs_with_relative_output_dirs(mini_study):
+  folder, outcome = mini_study
+  assert os.path.isfile(folder / "out" / "report" / "results.csv")
+  assert outcome["files"]["csv"] == str(folder / "out" / "report" / "results.csv")
+  stage_dirs = os.listdir(folder / "out" / "stages")
   assert any(name.startswith("pretrain-e4-") for name in stage_dirs)
 
 
@@ -247,3 +258,35 @@ def test_error_messages_name_gins_configurables_without_memory_addresses(tmp_pat
   err = _exit_message(capsys, TRAIN_ARGS + [f"--gin.MODEL_DIR={tmp_path}",
                                             "--gin.BATCH_SIZE=0"])
   assert "BATCH_SIZE" in err and "0x" not in err
+
+
+def test_two_study_commands_started_at_once_over_one_stage_cache(tmp_path, mini_study):
+  """Two study processes with the same plan over one STAGES_DIR (started together, so they
+  contend for every stage): both exit 0 with the same results.csv as a process alone."""
+  (tmp_path / "mini.gin").write_text(MINI_STUDY)
+
+  def start(output_dir, stages_dir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "uncurl_jax.study", "--gin_file=mini.gin",
+         f"--gin.StudyConfig.output_dir='{output_dir}'",
+         f"--gin.StudyConfig.stages_dir='{stages_dir}'"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  processes = [start("out/a", "out/shared"), start("out/b", "out/shared")]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, err) in zip(processes, outputs):
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err
+  alone = (mini_study[0] / "out" / "report" / "results.csv").read_bytes()
+  csv = [(tmp_path / "out" / name / "results.csv").read_bytes() for name in ("a", "b")]
+  assert csv[0] == csv[1] == alone
+  shared = tmp_path / "out" / "shared"
+  stages = [d for d in shared.iterdir() if d.is_dir() and (d / "stage_config.json").exists()]
+  assert stages and all((d / "result.json").exists() for d in stages)  # none unfinished
+  # Every stage ran once, in one of the two processes (its stage line), and the other one
+  # waited for it or found it done.
+  ran = [re.findall(r"^(\S+) +\d+\.\d s  ", out.replace("\r", "\n"), re.M)
+         for out, _ in outputs]
+  assert sorted(ran[0] + ran[1]) == sorted(set(ran[0] + ran[1]))
+  assert len(ran[0] + ran[1]) == len(stages)
+  assert sum(err.count("waiting for stage") for _, err in outputs) >= 1

@@ -13,7 +13,19 @@ names its directory `<root>/<name>-<key[:12]>`. So:
   newest orbax checkpoint there).
 
 `result.json` is written atomically (a temporary file renamed into place) and only
-after the stage returned, so its presence means the stage completed.
+after the stage returned, so its presence means the stage completed. It records what the
+stage wrote (every file's size, and the SHA-256 of those up to `CHECKSUM_MAX_BYTES`), the
+stage format and the package version that wrote it. A cached stage is used only if its
+`result.json` parses, has this stage format and its files match; otherwise it is reported
+by name (a warning, and `StageCache.damaged`), its directory is emptied and it runs again.
+Stages written before the manifest existed (no "files") are accepted and get one recorded
+the first time they are read; a model stage whose checkpoint cannot be restored is
+repaired the same way (`StageCache.repair`, called by the study).
+
+Several processes may share one cache. A stage is owned by one process at a time: an
+exclusive `fcntl.flock` on `<directory>/.lock`, held while the stage runs and released by
+the kernel if its owner dies. A process that needs a stage another one is running waits
+for it (saying so, with the stage's name and the owner's pid) and then reads its result.
 
 Example:
   >>> cache = StageCache("/tmp/study/stages")
@@ -25,22 +37,81 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import hashlib
+import importlib.metadata
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 RESULT_FILE = "result.json"
 CONFIG_FILE = "stage_config.json"
+LOCK_FILE = ".lock"
 KEY_LENGTH = 12  # hex digits of the key in directory names
+# What a stage directory holds and how result.json describes it; a cached stage of another
+# format is run again. 1: no manifest (accepted, see the module docstring); 2: manifest.
+STAGE_FORMAT = 2
+CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size are checksummed, larger ones sized
+
+
+def _package_version() -> str:
+  try:
+    return importlib.metadata.version("uncurl_jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def manifest(directory: str) -> dict[str, dict[str, Any]]:
+  """{relative path: {'bytes': size[, 'sha256': digest]}} of every file a stage wrote in
+  `directory` (not result.json, the lock or temporary files); digests of the files up to
+  `CHECKSUM_MAX_BYTES`."""
+  files = {}
+  for root, dirs, names in os.walk(directory):
+    dirs.sort()
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      relative = os.path.relpath(path, directory)
+      if relative in (RESULT_FILE, LOCK_FILE) or name.startswith(".tmp-"):
+        continue
+      size = os.path.getsize(path)
+      files[relative] = {"bytes": size}
+      if size <= CHECKSUM_MAX_BYTES:
+        files[relative]["sha256"] = _sha256(path)
+  return files
+
+
+def manifest_problem(directory: str, recorded: Mapping[str, Mapping[str, Any]]) -> str | None:
+  """What differs between the files `recorded` and those in `directory` (None: nothing);
+  files added since are allowed (a resumed stage may leave extra ones)."""
+  for relative, expected in sorted(recorded.items()):
+    path = os.path.join(directory, relative)
+    if not os.path.isfile(path):
+      return f"file {relative} is missing"
+    size = os.path.getsize(path)
+    if size != expected["bytes"]:
+      return f"file {relative} has {size} bytes, {expected['bytes']} were written"
+    if "sha256" in expected and _sha256(path) != expected["sha256"]:
+      return f"file {relative} changed (its SHA-256 differs from the one recorded)"
+  return None
 
 
 class Status(str, enum.Enum):
@@ -49,6 +120,7 @@ class Status(str, enum.Enum):
   RAN = "ran"  # started from an empty directory
   RESUMED = "resumed"  # the directory held a previous, unfinished attempt
   SKIPPED = "skipped"  # a finished result was found
+  REPAIRED = "repaired"  # a cached result was damaged: emptied and run again
 
 
 def _canonical(value: Any) -> Any:
@@ -163,16 +235,23 @@ class StageCache:
 
   Args:
     root: Directory that holds one sub-directory per stage (created when needed).
+    notify: Called with a line when this process waits for a stage another one is
+      running, or finds a damaged stage (default: a logging warning).
 
   Attributes:
     events: [(stage name, Status)] in the order `run` was called.
     stages: The Stages `run` returned, in the same order.
+    damaged: [(stage name, what was wrong)] of the damaged stages found and run again.
   """
 
-  def __init__(self, root: str | os.PathLike):
+  def __init__(self, root: str | os.PathLike, *, notify: Callable[[str], None] | None = None):
     self.root = os.fspath(root)
+    self.notify = notify or logging.getLogger(__name__).warning
     self.events: list[tuple[str, Status]] = []
     self.stages: list[Stage] = []
+    self.damaged: list[tuple[str, str]] = []
+    self._repairing: set[str] = set()  # discarded directories not run again yet
+    self._held: set[str] = set()  # stage directories whose lock this process holds
 
   def key(self, name: str, config: Mapping[str, Any],
           depends_on: Sequence[Stage | StageSpec] = ()) -> str:
@@ -205,8 +284,11 @@ class StageCache:
                      kind, compile_key, compile_cost)
 
   def is_done(self, spec: StageSpec) -> bool:
-    """Whether the stage finished in an earlier run (its result is cached)."""
-    return os.path.exists(os.path.join(spec.directory, RESULT_FILE))
+    """Whether the stage finished in an earlier run (its result.json parses and is of this
+    stage format; its files are checked when the stage is read, by `run`)."""
+    saved = self._read_result(spec.directory)
+    return isinstance(saved, dict) and ("files" not in saved
+                                        or saved.get("format") == STAGE_FORMAT)
 
   def run_spec(self, spec: StageSpec) -> Stage:
     """Runs a planned stage (or reads its cached result), like `run`."""
@@ -229,25 +311,129 @@ class StageCache:
     """
     key = self.key(name, config, depends_on)
     directory = self.directory(name, key)
-    result_path = os.path.join(directory, RESULT_FILE)
-    if os.path.exists(result_path):
-      with open(result_path) as f:
-        saved = json.load(f)
-      return self._record(Stage(name, key, directory, saved["result"], Status.SKIPPED,
-                                saved.get("seconds", 0.0)))
-    status = Status.RESUMED if os.path.isdir(directory) else Status.RAN
+    cached = self._cached(name, key, directory)
+    if cached is not None:
+      return self._record(cached)
     os.makedirs(directory, exist_ok=True)
-    _write_json_atomically(os.path.join(directory, CONFIG_FILE), {
-        "stage": name, "key": key, "config": _canonical(config),
-        "inputs": {s.name: s.key for s in depends_on}})
-    start = time.perf_counter()
-    result = fn(directory)
-    seconds = time.perf_counter() - start
-    # Round-trip through JSON so a fresh and a cached run hand back identical values.
-    result = json.loads(json.dumps(_canonical(result)))
-    _write_json_atomically(result_path, {"stage": name, "key": key, "result": result,
-                                         "seconds": seconds})
+    with self._owned(name, directory):
+      cached = self._cached(name, key, directory)  # finished by another process meanwhile
+      if cached is not None:
+        return self._record(cached)
+      unfinished = set(os.listdir(directory)) - {LOCK_FILE}
+      status = (Status.REPAIRED if directory in self._repairing else
+                Status.RESUMED if unfinished else Status.RAN)
+      self._repairing.discard(directory)
+      _write_json_atomically(os.path.join(directory, CONFIG_FILE), {
+          "stage": name, "key": key, "config": _canonical(config),
+          "inputs": {s.name: s.key for s in depends_on}})
+      start = time.perf_counter()
+      result = fn(directory)
+      seconds = time.perf_counter() - start
+      # Round-trip through JSON so a fresh and a cached run hand back identical values.
+      result = json.loads(json.dumps(_canonical(result)))
+      _write_json_atomically(os.path.join(directory, RESULT_FILE), {
+          "stage": name, "key": key, "result": result, "seconds": seconds,
+          "result_sha256": config_key({"result": result}),
+          "format": STAGE_FORMAT, "version": _package_version(),
+          "files": manifest(directory)})
     return self._record(Stage(name, key, directory, result, status, seconds))
+
+  def repair(self, stage: Stage | StageSpec, problem: str) -> None:
+    """Reports `stage` as damaged (`problem`: what is wrong, e.g. its checkpoint does not
+    restore) and empties its directory, so that the next `run` computes it again."""
+    with self._owned(stage.name, stage.directory):
+      self._discard(stage.name, stage.directory, problem)
+
+  # ------------------------------------------------------------------------------------
+
+  @staticmethod
+  def _read_result(directory: str) -> Any:
+    """The parsed result.json of `directory`; None if there is none, the text's error
+    (a str) if it does not parse."""
+    path = os.path.join(directory, RESULT_FILE)
+    try:
+      with open(path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError) as e:
+      return f"result.json does not parse ({type(e).__name__}: {e})"
+
+  def _check(self, key: str, directory: str) -> tuple[dict | None, str | None]:
+    """(the saved result.json, None) if sound, (None, what is wrong) if damaged, (None,
+    None) if the stage has not finished."""
+    saved = self._read_result(directory)
+    if saved is None or isinstance(saved, str):
+      return None, saved
+    if not isinstance(saved, dict) or saved.get("key") != key or "result" not in saved:
+      return None, "result.json is not this stage's (wrong key or no result)"
+    if "files" not in saved:
+      return saved, None  # written before manifests (format 1)
+    if saved.get("format") != STAGE_FORMAT:
+      return None, (f"it was written in stage format {saved.get('format')} (version "
+                    f"{saved.get('version', 'unknown')}); this version reads {STAGE_FORMAT}")
+    if saved.get("result_sha256") != config_key({"result": saved["result"]}):
+      return None, "result.json was edited (its result differs from the one written)"
+    problem = manifest_problem(directory, saved["files"])
+    return (None, problem) if problem else (saved, None)
+
+  def _cached(self, name: str, key: str, directory: str) -> Stage | None:
+    """The stage's cached result if it is sound; a damaged one is discarded (None)."""
+    saved, problem = self._check(key, directory)
+    if problem is not None:
+      with self._owned(name, directory):
+        saved, problem = self._check(key, directory)  # again, now that it is ours
+        if problem is not None:
+          self._discard(name, directory, problem)
+    if saved is None:
+      return None
+    if "files" not in saved:  # written before manifests: record one now
+      saved = {**saved, "format": STAGE_FORMAT, "version": _package_version(),
+               "result_sha256": config_key({"result": saved["result"]}),
+               "files": manifest(directory)}
+      _write_json_atomically(os.path.join(directory, RESULT_FILE), saved)
+    return Stage(name, key, directory, saved["result"], Status.SKIPPED, saved.get("seconds", 0.0))
+
+  def _discard(self, name: str, directory: str, problem: str) -> None:
+    self.notify(f"stage {name} is damaged: {problem}; running it again")
+    self.damaged.append((name, problem))
+    self._repairing.add(directory)
+    for entry in os.listdir(directory):
+      if entry == LOCK_FILE:
+        continue
+      path = os.path.join(directory, entry)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+      else:
+        os.remove(path)
+
+  @contextlib.contextmanager
+  def _owned(self, name: str, directory: str) -> Iterator[None]:
+    """Holds the stage's lock (waiting, and saying so, while another process holds it);
+    re-entrant within this process."""
+    held = self._held
+    if directory in held:
+      yield
+      return
+    os.makedirs(directory, exist_ok=True)
+    descriptor = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        owner = os.pread(descriptor, 64, 0).decode(errors="replace").strip() or "?"
+        self.notify(f"waiting for stage {name}: another process (pid {owner}) is running it")
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+      os.ftruncate(descriptor, 0)
+      os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+      held.add(directory)
+      try:
+        yield
+      finally:
+        held.discard(directory)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+      os.close(descriptor)
 
   def _record(self, stage: Stage) -> Stage:
     self.events.append((stage.name, stage.status))

@@ -78,10 +78,23 @@ class StageGraph:
     """The params a model stage produced (kept from this run, else restored)."""
     if spec.key not in self._params:
       stage = self.finished(spec)
-      self._remember(spec.key, stages.restore_params(
-          stage.path(stage.result["checkpoint"]), config=self.model_config(spec),
-          mesh=self.config.runtime.mesh))
+      try:
+        params = self._restore(stage, spec)
+      except Exception as e:  # pylint: disable=broad-except
+        # A damaged stage (its checkpoint does not restore): reported, emptied, run again.
+        self.cache.repair(stage, f"its checkpoint does not restore ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})")
+        del self.done[spec.key]
+        stage = self.finished(spec)  # runs again; a model stage keeps its params in memory
+        params = self._params.get(spec.key)
+        if params is None:
+          params = self._restore(stage, spec)
+      self._remember(spec.key, params)
     return self._params[spec.key]
+
+  def _restore(self, stage: cache_lib.Stage, spec: StageSpec) -> Any:
+    return stages.restore_params(stage.path(stage.result["checkpoint"]),
+                                 config=self.model_config(spec), mesh=self.config.runtime.mesh)
 
   def _remember(self, key: str, params: Any) -> None:
     self._params[key] = params
