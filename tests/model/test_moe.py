@@ -275,3 +275,36 @@ def test_bound_router_losses_do_not_train_dead_columns():
   # The task loss still reaches them: the gate is the E-way softmax probability.
   (_, _), grads = loss_and_grads(config, params, x)
   assert np.all(np.abs(np.asarray(grads[0]["router"]["kernel"])[:, dead]).max(0) > 0)
+
+
+def test_bound_router_hand_example_balances_columns_and_counts_usage_per_expert():
+  # Map (0, 1, 0, 1): four router columns, two experts (columns 0 and 2 -> expert 0).
+  # The kernel is ln(3) on the diagonal of the first four input dims and token t is the
+  # unit vector of column [0, 2, 0, 1][t], so its probabilities are 1/2 on that column
+  # and 1/6 on the others. Columns chosen: 0, 2, 0, 1 -> experts 0, 0, 0, 1.
+  # Load balancing counts columns: f = [1/2, 1/4, 1/4, 0], P = [1/3, 1/4, 1/4, 1/6],
+  # LB = 4 * (1/6 + 1/16 + 1/16) = 7/6 (counting experts, f = [3/4, 1/4, 0, 0]: 5/4).
+  # Capacity counts experts: 2 slots each, so token 2 (expert 0's third) is dropped:
+  # usage 3 / (1 group * 2 experts * 2 slots) = 3/4 (per column nothing is dropped: 1;
+  # over the 4 columns' slots it would be 3/8), left behind 1/4.
+  config = dataclasses.replace(
+      make_config(1, eval_capacity_factor=1.0, min_capacity=1), num_experts=2,
+      router_map=(0, 1, 0, 1))
+  assert config.capacity(4, train=False) == 2
+  params = random_params(config)
+  kernel = np.zeros((config.d_model, 4), np.float32)
+  kernel[np.arange(4), np.arange(4)] = np.log(3.0)
+  params = {**params, "router": {"kernel": jnp.asarray(kernel)}}
+  x = np.zeros((1, 4, config.d_model), np.float32)
+  x[0, np.arange(4), [0, 2, 0, 1]] = 1.0
+  y, state = apply_layer(config, params, jnp.asarray(x))
+  inter = {k: float(v[0]) for k, v in state["intermediates"].items()}
+  np.testing.assert_allclose(inter["auxiliary_loss"], 7 / 6, rtol=1e-6)
+  np.testing.assert_allclose(inter["router_z_loss"], np.log(6.0) ** 2, rtol=1e-6)
+  np.testing.assert_allclose(inter["expert_usage"], 3 / 4, rtol=1e-6)
+  np.testing.assert_allclose(inter["fraction_tokens_left_behind"], 1 / 4, rtol=1e-6)
+  np.testing.assert_allclose(inter["router_confidence"], 1 / 2, rtol=1e-6)
+  np.testing.assert_allclose(inter["routed_probability"], 3 / 8, rtol=1e-6)
+  # The dropped token outputs zero; the others reach their expert.
+  norms = np.linalg.norm(np.asarray(y)[0], axis=-1)
+  assert norms[2] == 0 and np.all(norms[[0, 1, 3]] > 0)

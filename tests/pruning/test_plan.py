@@ -296,6 +296,38 @@ def test_random_is_seeded():
   assert any(o.layers != a.layers for o in others)
 
 
+def test_reinit_router_draws_with_router_init_std_seeded_by_layer_name():
+  # A wide model so the kernel has 512 * 4 = 2048 entries: its sample std is within ~2%
+  # (one standard error) of the true std. The std 0.37 is neither the default 0.02 nor 1.
+  width, std = 512, 0.37
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  layer = lambda: {"router": {"kernel": normal(width, 8)},
+                   "expert": {"wi": {"kernel": normal(8, width, 2), "bias": normal(8, 2)},
+                              "wo": {"kernel": normal(8, 2, width), "bias": normal(8, width)}}}
+  params = {"layers_0": {"mlp": layer()}, "layers_2": {"mlp": layer()}}
+  prune = lambda seed: pruning.prune_params(params, _logits(), 4, method="frequency",
+                                            router="reinit", router_init_std=std, seed=seed)
+  kernels = {name: np.asarray(prune(3)[name.split("/")[0]]["mlp"]["router"]["kernel"])
+             for name in LAYERS}
+  for name, kernel in kernels.items():
+    assert kernel.shape == (width, 4)
+    np.testing.assert_allclose(kernel.std(), std, rtol=0.1)
+    assert abs(kernel.mean()) < 0.1 * std
+    # Exactly N(0, 1) * std under the key fold_in(key(seed), layer_seed(layer name)).
+    key = jax.random.fold_in(jax.random.key(3), methods.layer_seed(name))
+    np.testing.assert_allclose(
+        kernel, np.asarray(jax.random.normal(key, (width, 4), np.float32)) * std, rtol=1e-6)
+  # Each layer draws its own kernel; the same seed draws the same ones, another seed others.
+  assert not np.allclose(kernels["layers_0/mlp"], kernels["layers_2/mlp"])
+  again = prune(3)
+  for name in LAYERS:
+    np.testing.assert_array_equal(again[name.split("/")[0]]["mlp"]["router"]["kernel"],
+                                  kernels[name])
+  other = np.asarray(prune(4)["layers_0"]["mlp"]["router"]["kernel"])
+  assert not np.allclose(other, kernels["layers_0/mlp"])
+
+
 def test_default_targets_follow_the_paper():
   assert [pruning.default_num_experts(e) for e in (2, 8, 32, 64, 128)] == [1, 2, 8, 32, 64]
   plan = pruning.plan_pruning(_params(num_experts=16), _logits(num_experts=16), method="frequency")
@@ -401,6 +433,14 @@ def test_pruned_config():
   assert (cfg.num_experts, cfg.moe_layers) == (4, (0, 2))
   with pytest.raises(ValueError, match=r"the model config places them at \[0\]"):
     pruning.pruned_config(configs.get("tiny", num_layers=2, num_experts=8), plan)
+
+
+def test_pruned_config_needs_top_k_kept_experts_in_every_layer():
+  plan = pruning.plan_pruning(_params(), _logits(), {"layers_0/mlp": 3, "layers_2/mlp": 2})
+  cfg = pruning.pruned_config(configs.get("tiny", num_layers=4, num_experts=8, top_k=2), plan)
+  assert cfg.layer_num_experts == (3, 2)
+  with pytest.raises(ValueError, match=r"\(3, 2\) has a layer with fewer experts than top_k=3"):
+    pruning.pruned_config(configs.get("tiny", num_layers=4, num_experts=8, top_k=3), plan)
 
 
 def _error(match, params=None, logits=None, num_experts=3, **kwargs):

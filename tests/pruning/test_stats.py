@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.cluster import hierarchy
 
+from tests.pruning import test_plan
 from tests.pruning.batches import padded_batches
 from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
@@ -166,6 +168,94 @@ def test_exact_duplicates_are_grouped_by_their_outputs_and_merge_back_exactly(me
           np.testing.assert_allclose(merged[leaf][kind][c], original[leaf][kind][anchor],
                                      rtol=1e-6, atol=1e-7)
   assert plan.features == kwargs.get("features")
+
+
+def _hand_stats(counts, mean_output):
+  """ExpertStats of test_plan's layers: `counts` top-1 choices of each expert (one-hot
+  logits) and the experts' mean outputs [E, d]."""
+  counts = np.asarray(counts)
+  logits = np.repeat(np.eye(len(counts), dtype=np.float32), counts, axis=0)
+  stats = features.ExpertStats(logits=logits, top1_counts=counts, topk_counts=counts,
+                               reap=np.ones(len(counts)), mean_output=np.asarray(mean_output),
+                               top_k=1)
+  return {name: stats for name in test_plan.LAYERS}
+
+
+def _leaves(params, name):
+  expert = params[name.split("/")[0]]["mlp"]["expert"]
+  return {(leaf, kind): np.asarray(expert[leaf][kind]) for leaf in ("wi", "wo")
+          for kind in ("kernel", "bias")}
+
+
+def test_hc_smoe_clusters_by_average_linkage_like_scipy():
+  # Mean outputs that every other linkage cuts into other 3 clusters than average linkage.
+  points = np.random.default_rng(22).normal(size=(8, test_plan.D_MODEL))
+
+  def scipy_clusters(method):
+    labels = hierarchy.fcluster(hierarchy.linkage(points, method=method), 3, criterion="maxclust")
+    return sorted(np.flatnonzero(labels == c).tolist() for c in set(labels))
+
+  want = scipy_clusters("average")
+  assert want == [[0, 1, 3, 6], [2, 4, 5], [7]]
+  for other in ("single", "complete", "ward", "weighted", "centroid", "median"):
+    assert scipy_clusters(other) != want, other
+  plan = pruning.plan_pruning(test_plan._params(), _hand_stats(np.ones(8, int), points), 3,
+                              method="hc_smoe")
+  for name in test_plan.LAYERS:
+    assert sorted(plan.layers[name].clusters()) == want
+
+
+def test_hc_smoe_anchor_is_the_most_selected_member_and_orders_the_new_experts():
+  # Clusters {0, 3, 6}, {1, 2}, {4, 5, 7}; their most selected members 6, 1, 5 are neither
+  # the lowest nor the highest index of their cluster.
+  points = 0.1 * np.random.default_rng(0).normal(size=(8, test_plan.D_MODEL))
+  points[[1, 2], 0] += 10
+  points[[4, 5, 7], 1] += 10
+  counts = np.array([1, 4, 3, 2, 2, 6, 5, 3])
+  params = test_plan._params()
+  plan = pruning.plan_pruning(params, _hand_stats(counts, points), 3, method="hc_smoe",
+                              router="anchor")
+  small = pruning.apply_plan(params, plan)
+  for name in test_plan.LAYERS:
+    assert plan.layers[name].anchors == (1, 5, 6)
+    assert plan.layers[name].clusters() == [[1, 2], [4, 5, 7], [0, 3, 6]]
+    block = name.split("/")[0]
+    np.testing.assert_array_equal(small[block]["mlp"]["router"]["kernel"],
+                                  params[block]["mlp"]["router"]["kernel"][:, [1, 5, 6]])
+    before, after = _leaves(params, name), _leaves(small, name)
+    for key in before:
+      for c, members in enumerate(([1, 2], [4, 5, 7], [0, 3, 6])):
+        weights = counts[members] / counts[members].sum()
+        np.testing.assert_allclose(after[key][c], np.tensordot(weights, before[key][members], 1),
+                                   rtol=1e-5, atol=1e-6, err_msg=f"{key} {c}")
+
+
+def test_hc_smoe_merges_without_aligning_hidden_units():
+  # Expert 1 is expert 0 with its hidden units permuted: the same function, the same mean
+  # output. HC-SMoE averages the weights as they are (an alignment would give expert 0).
+  rng = np.random.default_rng(5)
+  params = test_plan._params()
+  for name in test_plan.LAYERS:
+    expert = params[name.split("/")[0]]["mlp"]["expert"]
+    perm = rng.permutation(test_plan.D_FF)
+    expert["wi"]["kernel"][1] = expert["wi"]["kernel"][0][:, perm]
+    expert["wi"]["bias"][1] = expert["wi"]["bias"][0][perm]
+    expert["wo"]["kernel"][1] = expert["wo"]["kernel"][0][perm]
+    expert["wo"]["bias"][1] = expert["wo"]["bias"][0]
+  points = rng.normal(size=(8, test_plan.D_MODEL))
+  points[1] = points[0]
+  counts = np.array([3, 1, 1, 1, 1, 1, 1, 1])
+  plan = pruning.plan_pruning(params, _hand_stats(counts, points), 7, method="hc_smoe")
+  small = pruning.apply_plan(params, plan)
+  for name in test_plan.LAYERS:
+    assert plan.layers[name].clusters() == [[0, 1]] + [[e] for e in range(2, 8)]
+    assert plan.layers[name].alignments == ()
+    before, after = _leaves(params, name), _leaves(small, name)
+    for key in before:
+      want = 0.75 * before[key][0] + 0.25 * before[key][1]
+      np.testing.assert_allclose(after[key][0], want, rtol=1e-5, atol=1e-6, err_msg=str(key))
+      np.testing.assert_array_equal(after[key][1:], before[key][2:])
+    assert not np.allclose(after[("wi", "kernel")][0], before[("wi", "kernel")][0], atol=1e-2)
 
 
 def test_methods_that_need_statistics_refuse_plain_logits_and_bad_statistics():

@@ -9,6 +9,7 @@ round-tripping plans and pruned trees; invalid ones raise only ValueError or Typ
 import copy
 import dataclasses
 import json
+import re
 
 from hypothesis import HealthCheck
 from hypothesis import given
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.pruning.test_plan import D_FF
+from tests.pruning.test_plan import D_MODEL
 from tests.pruning.test_plan import LAYERS
 from tests.pruning.test_plan import _logits
 from tests.pruning.test_plan import _params
@@ -105,6 +108,65 @@ def test_params_that_are_not_a_mapping_are_refused():
   _refused(TypeError, "params must be a mapping", params=[1, 2])
   with pytest.raises(TypeError, match="plan must be a PrunePlan"):
     pruning.apply_plan(_params(), {"method": "uncurl"})
+
+
+def _uneven():
+  """Params and logits of 8 experts in layers_0/mlp and 4 in the later layers_2/mlp."""
+  params = _params(8)
+  params["layers_2"] = _params(4)["layers_2"]
+  return params, {"layers_0/mlp": _logits(8)["layers_0/mlp"],
+                  "layers_2/mlp": _logits(4)["layers_2/mlp"]}
+
+
+def test_top_k_is_bounded_by_the_fewest_experts_of_any_layer():
+  params, logits = _uneven()
+  plan = pruning.plan_pruning(params, logits, 2, top_k=4)
+  assert plan.top_k == 4
+  # Every token selects all 4 experts of layers_2; 4 of 8 in layers_0.
+  np.testing.assert_allclose(plan.layers["layers_2/mlp"].frequencies, [1.0] * 4)
+  np.testing.assert_allclose(sum(plan.layers["layers_0/mlp"].frequencies), 4.0)
+  for top_k in (5, 8, 0):
+    _refused(ValueError, rf"top_k must be in \[1, E=4\], got {top_k}", params=params,
+             logits=logits, num_experts=2, top_k=top_k)
+
+
+@pytest.mark.parametrize("field, shape, match", [
+    ("top1_counts", (7,), r"\.top1_counts must be finite with shape \(8,\), got shape \(7,\)"),
+    ("topk_counts", (8, 1), r"\.topk_counts must be finite with shape \(8,\), got shape \(8, 1\)"),
+    ("reap", (9,), r"\.reap must be finite with shape \(8,\), got shape \(9,\)"),
+    ("mean_output", (8, D_FF), rf"\.mean_output must be finite with shape \(8, {D_MODEL}\), got "
+     rf"shape \(8, {D_FF}\)"),
+    ("mean_output", (7, D_MODEL), rf"\.mean_output must be finite with shape \(8, {D_MODEL}\), "
+     rf"got shape \(7, {D_MODEL}\)"),
+    ("logits", (200, 7), r" must be \[tokens, E=8\], got shape \(200, 7\)"),
+])
+def test_expert_stats_of_another_shape_are_refused(field, shape, match):
+  stats = _task("hc_smoe", _logits())
+  stats["layers_2/mlp"] = dataclasses.replace(stats["layers_2/mlp"], **{field: np.ones(shape)})
+  for method in ("hc_smoe", "reap"):
+    _refused(ValueError, re.escape("logits['layers_2/mlp']") + match, logits=stats,
+             method=method)
+
+
+def _pretrained(d_model, num_experts, seed=7):
+  """Params of `num_experts` experts of width `d_model` in layers_0/mlp and layers_2/mlp."""
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+  layer = lambda: {"router": {"kernel": normal(d_model, num_experts)},
+                   "expert": {"wi": {"kernel": normal(num_experts, d_model, D_FF),
+                                     "bias": normal(num_experts, D_FF)},
+                              "wo": {"kernel": normal(num_experts, D_FF, d_model),
+                                     "bias": normal(num_experts, d_model)}}}
+  return {"layers_0": {"mlp": layer()}, "layers_2": {"mlp": layer()}}
+
+
+@pytest.mark.parametrize("d_model, num_experts", [(D_MODEL + 1, 8), (D_MODEL, 6)])
+def test_a_pretrained_router_of_another_shape_is_refused(d_model, num_experts):
+  pruning.plan_pruning(_params(), None, 3, method="router_norm",
+                       pretrained_params=_pretrained(D_MODEL, 8))
+  _refused(ValueError, rf"pretrained router of 'layers_0/mlp' has shape \({d_model}, "
+           rf"{num_experts}\), finetuned \({D_MODEL}, 8\)", method="router_norm",
+           pretrained_params=_pretrained(d_model, num_experts))
 
 
 # ------------------------------------------------------------------------------------------

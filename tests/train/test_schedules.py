@@ -274,19 +274,30 @@ def _router_logits_reference(model, params, batches):
   return {layer: np.concatenate(parts) for layer, parts in out.items()}
 
 
-def test_progressive_dropping_drops_the_least_proficient_experts_on_schedule(
-    pruned_checkpoint, tmp_path):
-  init_dir, _ = pruned_checkpoint
+DROPPING_FILES = FINETUNE_FILES + ["gin/runs/progressive_dropping.gin"]
+
+
+def _dropping_bindings(model_dir, init_dir):
   # Two full-training steps (the same program as the warm-up run's full phase): 4 experts
   # for step 1, then the drop to 2.
-  bindings = _finetune_bindings(tmp_path, init_dir, TRAIN_STEPS=2, CHECKPOINT_EVERY=1,
-                                ROUTER_WARMUP_STEPS=0, DROP_FIRST_STEP=1, DROP_EVERY=1,
-                                DROP_TARGET_EXPERTS=2,
-                                PROBE_BATCHES=1)
-  result = train_main.run_with_gin(
-      gin_files=FINETUNE_FILES + ["gin/runs/progressive_dropping.gin"], gin_bindings=bindings)
+  return _finetune_bindings(model_dir, init_dir, TRAIN_STEPS=2, CHECKPOINT_EVERY=1,
+                            ROUTER_WARMUP_STEPS=0, DROP_FIRST_STEP=1, DROP_EVERY=1,
+                            DROP_TARGET_EXPERTS=2, PROBE_BATCHES=1)
+
+
+@pytest.fixture(scope="module")
+def dropping_run(pruned_checkpoint, tmp_path_factory):
+  """(result, model dir) of a progressive-dropping finetuning run, uninterrupted."""
+  model_dir = tmp_path_factory.mktemp("dropping")
+  result = train_main.run_with_gin(gin_files=DROPPING_FILES, gin_bindings=_dropping_bindings(
+      model_dir, pruned_checkpoint[0]))
+  return result, model_dir
+
+
+def test_progressive_dropping_drops_the_least_proficient_experts_on_schedule(dropping_run):
+  result, model_dir = dropping_run
   assert [m["num_experts"] for _, m in result.train_metrics] == [4.0, 2.0]
-  ckpt_dir = tmp_path / "checkpoints"
+  ckpt_dir = model_dir / "checkpoints"
   assert [set(model_lib.expert_counts(checkpoints.params_shapes(ckpt_dir, step=s)).values())
           for s in (1, 2)] == [{4}, {2}]
 
@@ -320,6 +331,41 @@ def test_progressive_dropping_drops_the_least_proficient_experts_on_schedule(
   np.testing.assert_array_equal(new_mu["expert"]["wi"]["kernel"],
                                 old_mu["expert"]["wi"]["kernel"][kept])
   assert run.variant_of(after).config.num_experts == 2 and int(after.step) == 1
+
+
+class _Killed(Exception):
+  pass
+
+
+def test_run_killed_at_a_drop_step_resumes_before_the_drop_like_the_straight_run(
+    pruned_checkpoint, dropping_run, tmp_path, monkeypatch):
+  """The checkpoint of a drop step is written before that step's drop (the drop comes with
+  the next step), so a resumed run expects the experts of the step before (4, not 2) and
+  replays the drop; the run then continues exactly as the uninterrupted one."""
+  straight, _ = dropping_run
+  bindings = _dropping_bindings(tmp_path, pruned_checkpoint[0])
+  real_save = checkpoints.save
+
+  def save_then_die(manager, state, **kwargs):
+    real_save(manager, state, **kwargs)
+    if int(state.step) == 1:  # killed right after the checkpoint of the drop step 1
+      raise _Killed
+
+  monkeypatch.setattr(checkpoints, "save", save_then_die)
+  with pytest.raises(_Killed):
+    train_main.run_with_gin(gin_files=DROPPING_FILES, gin_bindings=bindings)
+  monkeypatch.setattr(checkpoints, "save", real_save)
+  ckpt_dir = tmp_path / "checkpoints"
+  assert checkpoints.latest_step(checkpoints.make_manager(ckpt_dir, read_only=True)) == 1
+  assert set(model_lib.expert_counts(checkpoints.params_shapes(ckpt_dir, step=1)).values()) == {4}
+
+  resumed = train_main.run_with_gin(gin_files=DROPPING_FILES, gin_bindings=bindings)
+  assert [s for s, _ in resumed.train_metrics] == [2]
+  assert [m["num_experts"] for _, m in resumed.train_metrics] == [2.0]
+  assert ([m["loss"] for _, m in resumed.train_metrics]
+          == [m["loss"] for s, m in straight.train_metrics if s > 1])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state.params),
+               jax.device_get(straight.state.params))
 
 
 def test_a_bound_router_checkpoints_saved_config_is_the_same_architecture():
