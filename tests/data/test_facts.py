@@ -123,3 +123,117 @@ def test_training_split_is_shuffled_in_full_each_epoch_and_deterministic():
   ordered = fact_tasks.fact_dataset("validation", False, world=world, part="pretrain")
   assert [int(ex["inputs"][1]) - int(world.topic_token(0))
           for ex in ordered.take(3).as_numpy_iterator()] == [0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------
+# Truth judgement: a task learned in finetuning, scored by rank classification.
+
+TRUTH_WORLD = facts.FactWorld(num_topics=6, num_values=8, typed_answers=True,
+                              subjects_per_topic=40, task_topics=(2, 3), finetune_fraction=0.25,
+                              dev_fraction=0.125, seed=11)
+
+
+def test_truth_judgements_are_balanced_and_their_negatives_come_from_the_topic():
+  w = TRUTH_WORLD
+  for split in ("task_finetune", "task_dev", "task_eval"):
+    j, f = w.judgements(split), w.facts(split)
+    assert len(j["label"]) == 2 * len(f) and j["label"].tolist() == [1, 0] * len(f)
+    topics, subjects = np.repeat(f[:, 0], 2), np.repeat(f[:, 1], 2)
+    np.testing.assert_array_equal(j["inputs"][:, 0], w.subject_token(subjects))
+    np.testing.assert_array_equal(j["inputs"][:, 1], w.topic_token(topics))
+    assert set(j["inputs"][:, 3]) == {w.truth_token("query")}
+    shown = j["inputs"][:, 2]
+    true = w.value_token(w.values[topics, subjects], topics)
+    # The positive shows the fact's value, the negative another value of the same topic.
+    np.testing.assert_array_equal(shown[j["label"] == 1], true[j["label"] == 1])
+    negatives = shown[j["label"] == 0]
+    assert np.all(negatives != true[j["label"] == 0])
+    first, last = w.value_token(0, topics), w.value_token(w.num_values - 1, topics)
+    assert np.all((shown >= first) & (shown <= last))
+    np.testing.assert_array_equal(
+        j["targets"][:, 0], np.where(j["label"] == 1, w.truth_token("yes"), w.truth_token("no")))
+  # Negatives are spread over the topic's other values (not always the same one).
+  negatives = w.judgements("task_eval")["inputs"][1::2, 2]
+  assert len(set(negatives.tolist())) > w.num_values
+  # The tokens follow the values and fit the vocabulary; the format is not pretraining's.
+  assert w.truth_token("query") == w.value_token(w.num_values - 1, w.num_topics - 1) + 1
+  assert w.truth_token("no") < w.vocab_size
+  pretraining = w.examples("pretrain")
+  assert not np.isin([w.truth_token(t) for t in facts.TRUTH_TOKENS], pretraining["inputs"]).any()
+  assert not np.isin([w.truth_token(t) for t in facts.TRUTH_TOKENS],
+                     pretraining["targets"]).any()
+  with pytest.raises(ValueError, match="unknown truth token"):
+    w.truth_token("maybe")
+
+
+def test_truth_tasks_finetune_and_score_on_disjoint_subjects():
+  names = fact_tasks.register_truth_task("truth_test", TRUTH_WORLD)
+  assert names == ["truth_test", "truth_test_rank", "truth_test_dev_rank",
+                   "truth_test_facts_dev"]
+  subjects = lambda name, split: {
+      (int(x["inputs"][1]), int(x["inputs"][0])) for x in seqio.get_mixture_or_task(
+          name).get_dataset(None, split=split, shuffle=False).as_numpy_iterator()}
+  finetune = subjects("truth_test", "train")
+  scored = subjects("truth_test_rank", "validation")
+  dev = subjects("truth_test_dev_rank", "validation")
+  assert finetune and scored and dev
+  assert not finetune & scored and not finetune & dev and not dev & scored
+  assert subjects("truth_test_facts_dev", "validation") == dev
+  # 2 rows per judgement (yes, no), the right one marked; 2 judgements per fact.
+  rows = list(seqio.get_mixture_or_task("truth_test_rank").get_dataset(
+      None, split="validation", shuffle=False).as_numpy_iterator())
+  n = len(TRUTH_WORLD.facts("task_eval"))
+  assert len(rows) == 4 * n
+  assert seqio.get_mixture_or_task("truth_test_rank").num_input_examples("validation") == 4 * n
+  assert [r["idx"].tolist() for r in rows[:4]] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+  assert [bool(r["is_correct"]) for r in rows[:4]] == [True, False, False, True]
+  assert [r["targets_pretokenized"] for r in rows[:2]] == [b"yes", b"no"]
+  # The default truth tasks: topics apart from facts_task's, >= 2,500 scored items each.
+  default_topics = set(fact_tasks.DEFAULT_WORLD.task_topics)
+  truth_topics = [set(w.task_topics) for w in fact_tasks.TRUTH_WORLDS.values()]
+  assert len(truth_topics) == 2 and not truth_topics[0] & truth_topics[1]
+  assert all(not topics & default_topics for topics in truth_topics)
+  for world in fact_tasks.TRUTH_WORLDS.values():
+    assert 2 * world.num_task_items >= 2500
+    np.testing.assert_array_equal(world.values, fact_tasks.DEFAULT_WORLD.values)  # same facts
+
+
+def test_rank_scoring_of_a_truth_task_on_known_logits():
+  """seqio's Evaluator with the project's scorer on a stand-in model whose logits are
+  known: a model that knows every fact is right on every judgement, one that always
+  answers yes is right on exactly half, one that knows the facts of one topic only is right
+  on that topic's judgements and half of the rest."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from uncurl_jax.model import partitioning  # pylint: disable=import-outside-toplevel
+  from uncurl_jax.train import evaluation  # pylint: disable=import-outside-toplevel
+  w = TRUTH_WORLD
+  fact_tasks.register_truth_task("truth_logits", w)
+  table = jnp.asarray(w.value_token(w.values, np.arange(w.num_topics)[:, None]))
+
+  def stand_in(known_topics):
+    def apply_fn(variables, decoder_input_tokens, decoder_target_tokens, **_):
+      del variables
+      # decoder_input_tokens is shifted right: position 4 holds the shown value, 5 the query.
+      subject = decoder_input_tokens[:, 1] - 2
+      topic = decoder_input_tokens[:, 2] - int(w.topic_token(0))
+      shown = decoder_input_tokens[:, 3]
+      known = jnp.isin(topic, jnp.asarray(known_topics))
+      true = (table[topic, subject] == shown) | ~known
+      logits = jnp.zeros(decoder_target_tokens.shape + (w.vocab_size,))
+      answer = jnp.where(true, w.truth_token("yes"), w.truth_token("no"))
+      return logits.at[:, :, answer].set(0.0) + 5.0 * jax_one_hot(answer, w.vocab_size)[:, None]
+    return apply_fn
+
+  def jax_one_hot(index, size):
+    return (jnp.arange(size)[None, :] == index[:, None]).astype(jnp.float32)
+
+  evaluator = evaluation.make_evaluator(mixture_or_task_name="truth_logits_rank",
+                                        task_feature_lengths={"inputs": 8, "targets": 4})
+  mesh = partitioning.make_mesh(devices=__import__("jax").devices()[:1])
+  accuracy = lambda topics: evaluation.task_metrics(evaluator, evaluation.ModelOutputs(
+      apply_fn=stand_in(topics), mesh=mesh, batch_size=8), None)["truth_logits_rank"]["accuracy"]
+  assert accuracy(list(range(w.num_topics))) == 100.0
+  assert accuracy([]) == 50.0  # knows nothing: always yes
+  judged = w.judgements("task_eval")["inputs"][:, 1] - int(w.topic_token(0))
+  expected = 100.0 * (np.mean(judged == 2) + 0.5 * np.mean(judged != 2))
+  assert accuracy([2]) == pytest.approx(expected)

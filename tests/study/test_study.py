@@ -332,7 +332,67 @@ def test_pairs_and_per_task_finetuning_steps(tmp_path):
   assert _config(tmp_path).finetune_settings(config.tasks[0]).steps == 4
 
 
-@pytest.mark.parametrize("gin_file", ["synthetic.gin", "full.gin", "paper_354m.gin"])
+def test_per_task_finetuning_replaces_finetune_for_that_task_only(tmp_path):
+  own = TrainSettings(task_feature_lengths={"targets": 32}, steps=6, batch_size=8,
+                      learning_rate=3e-3, warmup_steps=1, router_warmup_steps=1,
+                      router_warmup_learning_rate=1e-2)
+  config = _config(tmp_path, tasks=[TASK, DEV_TASK], task_finetune={DEV_TASK: own},
+                   finetune_steps={DEV_TASK: 5})
+  assert config.finetune_settings(config.tasks[0]) == config.finetune
+  assert config.finetune_settings(config.tasks[1]) == dataclasses.replace(own, steps=5)
+  with pytest.raises(ValueError, match="task_finetune names tasks"):
+    _config(tmp_path, task_finetune={"other_task": own})
+  with pytest.raises(TypeError, match="must be a TrainSettings"):
+    _config(tmp_path, task_finetune={TASK: {"steps": 3}})
+  with pytest.raises(ValueError, match="must keep finetune's task_feature_lengths"):
+    _config(tmp_path, task_finetune={TASK: dataclasses.replace(
+        own, task_feature_lengths={"targets": 16})})
+  # The finetuning stages of that task carry its settings (and only its).
+  study = study_lib.Study(config)
+  study.plan()
+  steps = {row.task.name: row.score.inputs[0].config["train"]["steps"]
+           for row in study.row_specs if row.kind == "scratch"}
+  assert steps == {TASK: 4, DEV_TASK: 5}
+
+
+def test_a_truth_task_runs_in_a_miniature_study(tmp_path):
+  """A task learned in finetuning, scored by rank classification: every arm gets per-item
+  scores (one per judgement), the score is their mean, and the oracle selects on the
+  task's development facts."""
+  from uncurl_jax.data import facts as facts_data  # pylint: disable=import-outside-toplevel
+  from uncurl_jax.tasks import facts as fact_tasks  # pylint: disable=import-outside-toplevel
+  world = facts_data.FactWorld(num_topics=4, num_values=8, typed_answers=True,
+                               subjects_per_topic=24, task_topics=(1, 2),
+                               finetune_fraction=0.25, dev_fraction=0.25, seed=5)
+  fact_tasks.register_world("mini_truth_world", world)
+  fact_tasks.register_truth_task("mini_truth", world)
+  lengths = {"inputs": 8, "targets": 4}
+  settings = dict(task_feature_lengths=lengths, batch_size=8, learning_rate=1e-2,
+                  warmup_steps=1)
+  config = _config(
+      tmp_path, model=configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32,
+                                  num_heads=2, max_length=32, vocab_size=world.vocab_size),
+      tasks=["mini_truth:mini_truth_rank"], dev_tasks={"mini_truth": "mini_truth_facts_dev"},
+      pretrain=TrainSettings(steps=4, mixture_or_task_name="mini_truth_world_pretrain",
+                             **settings),
+      finetune=TrainSettings(steps=4, router_warmup_steps=1, router_warmup_learning_rate=1e-2,
+                             **settings),
+      methods=["frequency:bind", "oracle"], eval_batch_size=8)
+  outcome = study_run.run_study(config)
+  study = study_lib.Study(config)
+  study.run()
+  items = study.items()
+  judgements = 2 * world.num_task_items
+  assert {row.model for row in outcome["rows"]} == {
+      "+2e", "+4e", "4->2 frequency (bind)", "4->2 oracle (bind)"}
+  for row in outcome["rows"]:
+    scores = items[("mini_truth", row.model, 0)]
+    assert scores.shape == (judgements,) and set(np.unique(scores)) <= {0.0, 100.0}
+    assert row.score == pytest.approx(scores.mean())
+
+
+@pytest.mark.parametrize("gin_file", ["synthetic.gin", "full.gin", "paper_354m.gin",
+                                      "truth_search.gin"])
 def test_experiment_gin_files_make_valid_study_configs(gin_file):
   try:
     study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", gin_file)])
@@ -342,7 +402,10 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
   assert isinstance(config, study_config.StudyConfig)
   assert config.pairs
   names = {m.method for m in config.methods}
-  assert {"uncurl", "frequency"} <= names
+  if gin_file == "truth_search.gin":  # scored on a development split, references decide
+    assert config.tasks[0].eval_task == "facts_truth_dev_rank" and "oracle" not in names
+  else:
+    assert {"uncurl", "frequency"} <= names
 
 
 def test_top_choices_route_as_the_model_bound_or_not():

@@ -18,14 +18,22 @@ With `typed_answers`, each topic answers from its own `num_values` value tokens 
 relations have typed answers: years, cities, ...), so a deeper router that keys on the
 partly computed answer still sees the topic; otherwise all topics share them.
 
-Token ids: 0 padding, 1 end of sequence (unused), then subjects, topics, values; the
-vocabulary is padded to a multiple of 16.
+Truth judgement (`judgements`), a task learned in finetuning: "subject topic value ?"
+answered with a yes or a no token, where the negatives show another value of the same
+topic. Its format never occurs in pretraining (which sees facts only); what makes it
+learnable is the knowledge pretraining stored. Each fact of a split gives one positive and
+one negative judgement (balanced classes).
+
+Token ids: 0 padding, 1 end of sequence (unused), then subjects, topics, values, and the
+three tokens of the truth judgements (query, yes, no); the vocabulary is padded to a
+multiple of 16.
 
 Example:
   >>> world = FactWorld()
   >>> world.num_facts, world.num_task_items
   >>> examples = world.examples("pretrain")       # {'inputs': [N, 2], 'targets': [N, 1]}
   >>> held_out = world.examples("task_eval")
+  >>> truth = world.judgements("task_finetune")   # + 'label': 1 = yes, 0 = no
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import numpy as np
 PAD, EOS = 0, 1
 SPLITS = ("pretrain", "task_finetune", "task_dev", "task_eval")
 PROMPT_PARTS = ("subject", "topic")
+TRUTH_TOKENS = ("query", "yes", "no")  # after the value tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +67,8 @@ class FactWorld:
       finetuning facts do not depend on it.
     prompt: The inputs of a fact, e.g. ("subject", "topic") or ("topic", "subject",
       "topic"); the value follows the last token.
+    finetune_topics: Topics outside the task whose every fact is finetuning data too (a
+      task learned in finetuning learns its rule from them; they are never scored).
     seed: Seed of the values and of the split.
   """
 
@@ -70,6 +81,7 @@ class FactWorld:
   finetune_fraction: float = 0.2
   dev_fraction: float = 0.0
   prompt: tuple[str, ...] = ("subject", "topic")
+  finetune_topics: tuple[int, ...] = ()
   seed: int = 2409
 
   def __post_init__(self):
@@ -82,6 +94,12 @@ class FactWorld:
       raise ValueError(f"FactWorld.task_topics must be distinct topics in [0, "
                        f"{self.num_topics}), got {topics}")
     object.__setattr__(self, "task_topics", topics)
+    extra = tuple(self.finetune_topics)
+    if len(set(extra)) != len(extra) or set(extra) & set(topics) or not all(
+        0 <= t < self.num_topics for t in extra):
+      raise ValueError(f"FactWorld.finetune_topics must be distinct topics in [0, "
+                       f"{self.num_topics}) outside task_topics {topics}, got {extra}")
+    object.__setattr__(self, "finetune_topics", extra)
     if self.task_subjects_per_topic is not None and self.task_subjects_per_topic < 2:
       raise ValueError(f"task_subjects_per_topic must be None or >= 2, got "
                        f"{self.task_subjects_per_topic}")
@@ -122,7 +140,7 @@ class FactWorld:
 
   @property
   def vocab_size(self) -> int:
-    used = 2 + self.max_subjects + self.num_topics + self.num_value_tokens
+    used = self.truth_token("query") + len(TRUTH_TOKENS)
     return -(-used // 16) * 16
 
   def subject_token(self, subject):
@@ -134,6 +152,13 @@ class FactWorld:
   def value_token(self, value, topic):
     offset = np.asarray(topic) * self.num_values if self.typed_answers else 0
     return 2 + self.max_subjects + self.num_topics + offset + np.asarray(value)
+
+  def truth_token(self, name: str) -> int:
+    """The id of a truth-judgement token: 'query' (ends the prompt), 'yes' or 'no'."""
+    if name not in TRUTH_TOKENS:
+      raise ValueError(f"unknown truth token {name!r}; expected one of {TRUTH_TOKENS}")
+    return (2 + self.max_subjects + self.num_topics + self.num_value_tokens
+            + TRUTH_TOKENS.index(name))
 
   # Facts.
 
@@ -162,6 +187,7 @@ class FactWorld:
       finetune += [(topic, s) for s in np.sort(subjects[:cut])]
       dev += [(topic, s) for s in np.sort(subjects[cut:dev_cut])]
       held_out += [(topic, s) for s in np.sort(subjects[dev_cut:])]
+    finetune += [(topic, s) for topic in self.finetune_topics for s in range(self.subjects(topic))]
     as_array = lambda pairs: np.asarray(pairs, np.int64).reshape(-1, 2)
     return as_array(finetune), as_array(dev), as_array(held_out)
 
@@ -188,3 +214,66 @@ class FactWorld:
     inputs = np.stack([parts[p] for p in self.prompt], axis=1)
     targets = self.value_token(self.values[topics, subjects], topics)[:, None]
     return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32)}
+
+  @functools.cached_property
+  def yes_values(self) -> np.ndarray:
+    """[num_topics, num_values] bool: the values of each topic that have the property
+    (`properties`): half of them, the half whose facts come closest to half the topic's
+    subjects (a fixed draw among balanced halves), so the classes are near balanced."""
+    rng = np.random.default_rng([self.seed, 3])
+    table = np.zeros((self.num_topics, self.num_values), bool)
+    for topic in range(self.num_topics):
+      counts = np.bincount(self.values[topic, :self.subjects(topic)],
+                           minlength=self.num_values)
+      best = None
+      for _ in range(256):
+        half = rng.permutation(self.num_values)[:self.num_values // 2]
+        gap = abs(2 * counts[half].sum() - counts.sum())
+        if best is None or gap < best[0]:
+          best = (gap, half)
+      table[topic, best[1]] = True
+    return table
+
+  def properties(self, split: str, query: str = "after") -> dict[str, np.ndarray]:
+    """Property judgements of `split`'s facts: "subject topic ?" -> yes when the fact's
+    value is one of the topic's `yes_values`: {'inputs': [n, len(prompt) + 1], 'targets':
+    [n, 1] (the yes or no token), 'label': [n] (1: yes)}, int32."""
+    facts = self.facts(split)
+    topics, subjects = facts[:, 0], facts[:, 1]
+    label = self.yes_values[topics, self.values[topics, subjects]].astype(np.int32)
+    parts = {"subject": self.subject_token(subjects), "topic": self.topic_token(topics)}
+    prompt = np.stack([parts[p] for p in self.prompt], axis=1)
+    q = np.full((len(facts), 1), self.truth_token("query"))
+    inputs = {"after": [prompt, q], "before": [q, prompt], "none": [prompt]}[query]
+    inputs = np.concatenate(inputs, axis=1)
+    answer = np.where(label == 1, self.truth_token("yes"), self.truth_token("no"))
+    return {"inputs": inputs.astype(np.int32), "targets": answer[:, None].astype(np.int32),
+            "label": label}
+
+  def judgements(self, split: str) -> dict[str, np.ndarray]:
+    """Truth judgements of `split`'s facts: {'inputs': [2n, len(prompt) + 2] (the prompt,
+    a shown value, the query token), 'targets': [2n, 1] (the yes or no token), 'label':
+    [2n] (1: yes)}, int32.
+
+    Every fact gives a positive (its value shown) and, right after it, a negative (another
+    value of the same topic, uniform over the other `num_values - 1`, fixed by the seed and
+    the fact), so the classes are balanced and a fact's two judgements stay together.
+    """
+    facts = self.facts(split)
+    topics, subjects = facts[:, 0], facts[:, 1]
+    true = self.values[topics, subjects]
+    # One draw per fact of the world, independent of the split it is asked in.
+    shift = np.random.default_rng([self.seed, 2]).integers(
+        1, self.num_values, (self.num_topics, self.max_subjects))[topics, subjects]
+    wrong = (true + shift) % self.num_values
+    parts = {"subject": self.subject_token(subjects), "topic": self.topic_token(topics)}
+    prompt = np.stack([parts[p] for p in self.prompt], axis=1)
+    query = np.full((len(facts), 1), self.truth_token("query"))
+    shown = np.stack([true, wrong], axis=1).reshape(-1)  # positive, negative per fact
+    inputs = np.concatenate([np.repeat(prompt, 2, axis=0),
+                             self.value_token(shown, np.repeat(topics, 2))[:, None],
+                             np.repeat(query, 2, axis=0)], axis=1)
+    label = np.tile([1, 0], len(facts))
+    answer = np.where(label == 1, self.truth_token("yes"), self.truth_token("no"))
+    return {"inputs": inputs.astype(np.int32), "targets": answer[:, None].astype(np.int32),
+            "label": label.astype(np.int32)}

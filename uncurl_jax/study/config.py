@@ -262,6 +262,10 @@ class StudyConfig:
     dense_reference: Also train and finetune a dense model.
     finetune_steps: Per-task finetuning steps ({task name: steps}, e.g. 50 epochs),
       overriding `finetune.steps`; its learning-rate warm-up is capped to fit.
+    task_finetune: Per-task finetuning ({task name: TrainSettings}) replacing `finetune`
+      for that task (a task learned in finetuning needs another learning rate and length
+      than one whose knowledge is only kept); `finetune_steps` applies on top. The
+      sequence lengths and packing of scoring stay `finetune`'s.
     dropping: Progressive dropping schedule; its `target_experts` is set to each D.
     seeds: Seeds of initialization, data order, clustering and re-initialized routers;
       every model and arm is run once per seed, and the report gives means and standard
@@ -299,6 +303,7 @@ class StudyConfig:
   methods: Sequence[str] = DEFAULT_METHODS
   dense_reference: bool = True
   finetune_steps: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  task_finetune: Mapping[str, TrainSettings] = dataclasses.field(default_factory=dict)
   dropping: schedules.ProgressiveDropping | None = None
   seeds: Sequence[int] = (0,)
   router_norm_probe_fraction: float = 0.5
@@ -320,6 +325,7 @@ class StudyConfig:
     object.__setattr__(self, "source_experts", tuple(self.source_experts))
     object.__setattr__(self, "pruned_experts", tuple(self.pruned_experts))
     object.__setattr__(self, "finetune_steps", dict(self.finetune_steps))
+    object.__setattr__(self, "task_finetune", dict(self.task_finetune))
     object.__setattr__(self, "dev_tasks", dict(self.dev_tasks))
     object.__setattr__(self, "seeds", tuple(self.seeds))
     self._check_types()
@@ -336,9 +342,22 @@ class StudyConfig:
     if unused:
       raise ValueError(f"pruned_experts {unused} are not below any source_experts "
                        f"{list(self.source_experts)}")
-    unknown = sorted(set(self.finetune_steps) - {t.name for t in self.tasks})
-    if unknown:
-      raise ValueError(f"finetune_steps names tasks {unknown} that are not in tasks")
+    for name in ("finetune_steps", "task_finetune"):
+      unknown = sorted(set(getattr(self, name)) - {t.name for t in self.tasks})
+      if unknown:
+        raise ValueError(f"{name} names tasks {unknown} that are not in tasks")
+    for name, settings in self.task_finetune.items():
+      if not isinstance(settings, TrainSettings):
+        raise TypeError(f"StudyConfig.task_finetune[{name!r}] must be a TrainSettings, got "
+                        f"{type(settings).__name__}")
+      if settings.mixture_or_task_name is not None:
+        raise ValueError(f"StudyConfig.task_finetune[{name!r}] trains on its task: leave its "
+                         f"mixture_or_task_name None, got {settings.mixture_or_task_name!r}")
+      if (settings.task_feature_lengths != self.finetune.task_feature_lengths
+          or settings.pack != self.finetune.pack):
+        raise ValueError(f"StudyConfig.task_finetune[{name!r}] must keep finetune's "
+                         f"task_feature_lengths {dict(self.finetune.task_feature_lengths)} "
+                         f"and pack={self.finetune.pack} (scoring uses them)")
     for task in self.tasks:
       settings = self.finetune_settings(task)  # validates per-task steps
       if settings.steps - settings.router_warmup_steps < 2:
@@ -407,13 +426,15 @@ class StudyConfig:
     return tuple((e, d) for e in self.source_experts for d in self.pruned_experts if d < e)
 
   def finetune_settings(self, task: StudyTask) -> TrainSettings:
-    """`finetune` with the task's own steps (`finetune_steps`), warm-up capped to fit."""
+    """The task's finetuning (`task_finetune`, else `finetune`) with its own steps
+    (`finetune_steps`), warm-up capped to fit."""
+    settings = self.task_finetune.get(task.name, self.finetune)
     steps = self.finetune_steps.get(task.name)
     if steps is None:
-      return self.finetune
-    room = max(0, steps - self.finetune.router_warmup_steps)
-    return dataclasses.replace(self.finetune, steps=steps,
-                               warmup_steps=min(self.finetune.warmup_steps, room))
+      return settings
+    room = max(0, steps - settings.router_warmup_steps)
+    return dataclasses.replace(settings, steps=steps,
+                               warmup_steps=min(settings.warmup_steps, room))
 
   def task_metric(self, task: StudyTask) -> str:
     return task.metric or self.metric

@@ -40,6 +40,7 @@ from uncurl_jax.model import partitioning
 from uncurl_jax.model import router as router_lib
 from uncurl_jax.pruning import features
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.tasks import metrics as metrics_lib
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
 from uncurl_jax.train import state as state_lib
@@ -356,8 +357,9 @@ class StageWork:
     metrics = scorer(scored, params)
     if scored is not config:
       metrics[f"{metric}_at_capacity"] = scorer(config, params)[metric]
-    if isinstance(scorer, LossScorer) and metric == "accuracy":
-      # Per-item scores in the score's unit: 0 or 100 (%) per scored token.
+    if metric == "accuracy" and (isinstance(scorer, LossScorer) or scorer.ranks):
+      # Per-item scores in the score's unit: 0 or 100 (%) per scored token (or example of a
+      # rank-classification task).
       np.save(os.path.join(directory, ITEMS_FILE), 100.0 * scorer.items(scored, params))
     if metric not in metrics:
       raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
@@ -432,12 +434,37 @@ class TaskScorer:
     self._batch_size, self._mesh = batch_size, mesh
     self._outputs: dict[configs.ModelConfig, evaluation.ModelOutputs] = {}
 
-  def __call__(self, config: configs.ModelConfig, params: Any) -> dict[str, float]:
+  def _model_outputs(self, config: configs.ModelConfig) -> evaluation.ModelOutputs:
     if config not in self._outputs:
       self._outputs[config] = evaluation.ModelOutputs(
           apply_fn=decoder.SMoEDecoder(config).apply, mesh=self._mesh,
           batch_size=self._batch_size)
-    results = evaluation.task_metrics(self._evaluator, self._outputs[config], params)
+    return self._outputs[config]
+
+  @property
+  def ranks(self) -> bool:
+    """Whether the task is scored by rank classification (seqio's contract: every row
+    has 'idx' = [example, option] and 'is_correct'), so its accuracy has per-example items."""
+    spec = self._evaluator.cached_task_datasets[self.eval_task].element_spec
+    return {"idx", "is_correct"} <= set(spec)
+
+  def items(self, config: configs.ModelConfig, params: Any) -> np.ndarray:
+    """[examples] 0/1: each example of a rank-classification task right or wrong (the
+    rank accuracy's items), in example order."""
+    if not self.ranks:
+      raise ValueError(f"{self.eval_task!r} is not scored by rank classification; its "
+                       "metrics have no per-example items")
+    outputs = self._model_outputs(config)
+    outputs.params = params
+    scores = dict(outputs.score_fn(self._evaluator.cached_model_datasets[self.eval_task]))
+    rows = self._evaluator.cached_task_datasets[self.eval_task].as_numpy_iterator()
+    targets = [{"example": int(row["idx"][0]), "option": int(row["idx"][1]),
+                "is_correct": bool(row["is_correct"]), "text": ""} for row in rows]
+    return metrics_lib.rank_correct(targets, [scores[i] for i in range(len(targets))]
+                                    ).astype(np.float64)
+
+  def __call__(self, config: configs.ModelConfig, params: Any) -> dict[str, float]:
+    results = evaluation.task_metrics(self._evaluator, self._model_outputs(config), params)
     if self.eval_task not in results:
       raise ValueError(f"{self.eval_task!r} produced no metrics (got {sorted(results)}); "
                        "is it a task with metric functions?")

@@ -15,6 +15,23 @@ loss and token accuracy count the value only; with packing, each fact is its own
 The "train" splits are shuffled in full every epoch (`shuffle_files`).
 The default world is registered as `facts`.
 
+`register_truth_task(name, world)` registers a task learned in finetuning over the same
+facts (`FactWorld.judgements`: "subject topic value ?" -> yes / no, balanced), on the
+world's `task_topics`:
+
+- `<name>`: "train" = the judgements of the finetuning facts (what finetuning learns
+  from), "validation" = those of the held-out facts;
+- `<name>_rank`: the held-out judgements scored by rank classification over the two
+  answers (one row per answer, as the SuperGLUE `*_rank` tasks; metric 'accuracy', chance
+  50%): the study's score;
+- `<name>_dev_rank`: the same over the development facts, on which settings are chosen;
+- `<name>_facts_dev`: the development facts themselves in the pretraining format, on which
+  the oracle arm selects its experts (before finetuning the judgement is not learned yet;
+  the knowledge it rests on is).
+
+Two truth tasks on topics disjoint from `facts_task`'s are registered by default:
+`facts_truth` (topics 8-15) and `facts_truth_b` (topics 16-23).
+
 Example:
   >>> import uncurl_jax.tasks
   >>> ds = seqio.get_dataset("facts_task", {"inputs": 24, "targets": 8},
@@ -24,12 +41,15 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
 from uncurl_jax.data import facts
+from uncurl_jax.tasks import metrics
 from uncurl_jax.tasks import vocab
 
 # The study's default world (docs/study.md, "design search"): 32 topics x 360 subjects,
@@ -38,6 +58,17 @@ from uncurl_jax.tasks import vocab
 # and scored on the other 300 per topic: 2,400 held-out items; vocabulary 912.
 DEFAULT_WORLD = facts.FactWorld(num_values=16, typed_answers=True, subjects_per_topic=360,
                                 finetune_fraction=0.1, dev_fraction=24 / 360)
+# The truth tasks: the default world's facts (same values, same pretraining data) with
+# other task topics and their own split. Judgement is learned in finetuning, from 30% of
+# the topics' subjects (1,728 judgements); 24 subjects per topic are the development split;
+# the other 228 per topic (3,648 judgements) are scored. Chosen on the references and the
+# development split (docs/study.md, "The truth tasks").
+TRUTH_WORLDS = {
+    "facts_truth": dataclasses.replace(DEFAULT_WORLD, task_topics=tuple(range(8, 16)),
+                                       finetune_fraction=0.3),
+    "facts_truth_b": dataclasses.replace(DEFAULT_WORLD, task_topics=tuple(range(16, 24)),
+                                         finetune_fraction=0.3),
+}
 _SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune",
                      "task_dev": "task_finetune"},
            "validation": {"pretrain": "pretrain", "task": "task_eval", "task_dev": "task_dev"}}
@@ -90,6 +121,92 @@ def register_world(name: str, world: facts.FactWorld) -> list[str]:
   return names
 
 
+def judgement_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
+                      world: facts.FactWorld, part: str, rank: bool,
+                      kind: str = "truth") -> tf.data.Dataset:
+  """Truth judgements of a world's split (a FunctionDataSource function): prefix-LM
+  examples {'inputs', 'targets', 'label'}, or with `rank` one row per answer (yes, then
+  no) with 'idx' [judgement, answer], 'is_correct' and 'targets_pretokenized'."""
+  if split not in _SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {tuple(_SPLITS)}")
+  if kind == "truth":
+    examples = world.judgements(_SPLITS[split][part])
+  elif kind.startswith("property:"):
+    examples = world.properties(_SPLITS[split][part], query=kind.split(":")[1])
+  else:
+    raise ValueError(f"unknown judgement kind {kind!r}; expected 'truth' or "
+                     "'property:<query position>'")
+  if rank:
+    examples = rank_rows(examples, world)
+  dataset = tf.data.Dataset.from_tensor_slices(examples)
+  if shuffle_files:
+    dataset = dataset.shuffle(len(dataset), seed=world.seed if seed is None else seed,
+                              reshuffle_each_iteration=True)
+  return dataset
+
+
+def rank_rows(judgements: dict[str, np.ndarray], world: facts.FactWorld
+              ) -> dict[str, np.ndarray]:
+  """Rank-classification rows of judgements: for judgement i, (inputs, yes) with idx
+  [i, 0] and (inputs, no) with idx [i, 1], each with 'is_correct' and its answer text."""
+  n = len(judgements["label"])
+  answers = np.asarray([world.truth_token("yes"), world.truth_token("no")], np.int32)
+  label = np.repeat(judgements["label"], 2)
+  option = np.tile([0, 1], n)
+  return {"inputs": np.repeat(judgements["inputs"], 2, axis=0),
+          "targets": answers[option][:, None],
+          "idx": np.stack([np.repeat(np.arange(n), 2), option], axis=1).astype(np.int32),
+          "is_correct": (option == 1 - label),
+          "targets_pretokenized": np.asarray(["yes", "no"])[option]}
+
+
+def register_truth_task(name: str, world: facts.FactWorld, kind: str = "truth") -> list[str]:
+  """Registers the truth-judgement tasks of `world`'s task topics (module docstring):
+  `<name>`, `<name>_rank`, and with a development split `<name>_dev_rank` and
+  `<name>_facts_dev`; returns their names. `kind` "property:<after|before|none>" registers
+  property judgements instead (`FactWorld.properties`; the search of docs/study.md).
+
+  Example:
+    >>> register_truth_task("truth_small", facts.FactWorld(
+    ...     num_topics=4, subjects_per_topic=40, task_topics=(1,), dev_fraction=0.2))
+    ['truth_small', 'truth_small_rank', 'truth_small_dev_rank', 'truth_small_facts_dev']
+  """
+  features = _features(world)
+  if kind != "truth" and not kind.startswith("property:"):
+    raise ValueError(f"unknown judgement kind {kind!r}; expected 'truth' or "
+                     "'property:<query position>'")
+  per_fact = 2 if kind == "truth" else 1
+  size = lambda part: {split: per_fact * len(world.facts(mapping[part]))
+                       for split, mapping in _SPLITS.items()}
+  source = lambda part, rank: seqio.FunctionDataSource(
+      functools.partial(judgement_dataset, world=world, part=part, rank=rank, kind=kind),
+      splits=tuple(_SPLITS), num_input_examples={
+          split: n * (2 if rank else 1) for split, n in size(part).items()})
+  preprocessors = [seqio.preprocessors.append_eos_after_trim]
+  vocab.add_task(name, source=source("task", False), output_features=features,
+                 preprocessors=preprocessors, metric_fns=[])
+  names = [name]
+  parts = [("", "task")] + ([("_dev", "task_dev")] if world.dev_fraction > 0 else [])
+  for suffix, part in parts:
+    vocab.add_task(f"{name}{suffix}_rank", source=source(part, True), output_features=features,
+                   preprocessors=preprocessors, postprocess_fn=metrics.rank_target,
+                   metric_fns=[metrics.rank_accuracy])
+    names.append(f"{name}{suffix}_rank")
+  if world.dev_fraction > 0:
+    dev_facts = seqio.FunctionDataSource(
+        functools.partial(fact_dataset, world=world, part="task_dev"), splits=tuple(_SPLITS),
+        num_input_examples={split: len(world.facts(mapping["task_dev"]))
+                            for split, mapping in _SPLITS.items()})
+    vocab.add_task(f"{name}_facts_dev", source=dev_facts, output_features=features,
+                   preprocessors=preprocessors, metric_fns=[])
+    names.append(f"{name}_facts_dev")
+  return names
+
+
 def register() -> list[str]:
-  """Registers the default world as `facts_pretrain` / `facts_task` / `facts_task_dev`."""
-  return register_world("facts", DEFAULT_WORLD)
+  """Registers the default world as `facts_pretrain` / `facts_task` / `facts_task_dev`, and
+  the truth tasks of `TRUTH_WORLDS`."""
+  names = register_world("facts", DEFAULT_WORLD)
+  for name, world in TRUTH_WORLDS.items():
+    names += register_truth_task(name, world)
+  return names

@@ -190,6 +190,19 @@ def _rank_choices(targets: Sequence[Mapping[str, Any]],
   return choices
 
 
+def rank_correct(targets: Sequence[Mapping[str, Any]],
+                 scores: Sequence[float]) -> np.ndarray:
+  """[examples] bool: whether each example's highest-scoring option is a right one (the
+  items of `rank_accuracy`, in example order).
+
+  Example:
+    >>> t = [{"example": 0, "option": k, "is_correct": k == 1, "text": str(k)} for k in (0, 1)]
+    >>> rank_correct(t, [-3.0, -1.0])
+    array([ True])
+  """
+  return np.asarray([c["is_correct"] for c in _rank_choices(targets, scores)], bool)
+
+
 def rank_accuracy(targets: Sequence[Mapping[str, Any]],
                   scores: Sequence[float]) -> dict[str, float]:
   """Share of examples whose highest-scoring option is a right one.

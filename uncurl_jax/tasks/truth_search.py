@@ -1,0 +1,31 @@
+"""The task variants of the search for a task learned in finetuning (docs/study.md, "A task
+learned in finetuning"), registered on import (gin: `import uncurl_jax.tasks.truth_search`).
+
+On the default world's facts (same pretraining), topics 8-15 scored as `facts_truth`:
+
+- `facts_truth_wide`: truth judgement whose finetuning also holds every fact of topics
+  24-31 (the rule "the shown value is the stored one" from 8x more examples);
+- `facts_property_<after|before|none>`: property judgement (is the fact's value one of
+  half of its topic's values, `FactWorld.properties`) with the query token after the
+  prompt, before it, or absent (the answer then takes the value's place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from uncurl_jax.tasks import facts
+
+WIDE_WORLD = dataclasses.replace(facts.TRUTH_WORLDS["facts_truth"], finetune_fraction=0.1,
+                                 finetune_topics=tuple(range(24, 32)))
+
+
+def register() -> list[str]:
+  names = facts.register_truth_task("facts_truth_wide", WIDE_WORLD)
+  for query in ("after", "before", "none"):
+    names += facts.register_truth_task(f"facts_property_{query}",
+                                       facts.TRUTH_WORLDS["facts_truth"], kind=f"property:{query}")
+  return names
+
+
+register()
