@@ -79,8 +79,20 @@ def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) ->
 
 def as_batches(batches: Any) -> Iterable[Mapping[str, Any]]:
   """`batches`, or `[batches]` when it is one batch (a mapping of arrays) rather than an
-  iterable of them."""
-  return [batches] if isinstance(batches, Mapping) else batches
+  iterable of them. Refuses what is neither (None, a number, a string or bytes)."""
+  if isinstance(batches, Mapping):
+    return [batches]
+  if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+    raise TypeError(f"batches must be an iterable of batches (mappings of [batch, length] "
+                    f"arrays) or one batch, got {type(batches).__name__}")
+  return batches
+
+
+def check_model(model: Any) -> None:
+  """Raises a TypeError unless `model` is a flax module (it has `init` and `apply`)."""
+  if not (callable(getattr(model, "init", None)) and callable(getattr(model, "apply", None))):
+    raise TypeError(f"model must be a flax module with t5x's decoder call signature (e.g. "
+                    f"SMoEDecoder), got {type(model).__name__}")
 
 
 def real_token_mask(batch: Mapping[str, Any]) -> np.ndarray:
@@ -170,12 +182,15 @@ def collect_router_logits(model: Any, params: Mapping[str, Any],
     TypeError, ValueError: Before a batch's forward pass (`check_batch`): a missing
       feature or padding marker, features of other shapes, non-integer ids, ids outside
       the vocabulary; before the first (`check_model_params`): params without MoE layers
-      or of another model; max_tokens not an int >= 1; no real token in any batch.
+      or of another model; before any (`check_model`, `as_batches`): a model that is not
+      a flax module, batches that are neither batches nor one batch; max_tokens not an
+      int >= 1; after the last batch: no real token in any batch.
 
   Example:
     >>> logits = collect_router_logits(model, params, task_batches, max_tokens=65536)
     >>> plan = plan_pruning(params, logits, 8)
   """
+  check_model(model)
   if max_tokens is not None:
     checks.integer("max_tokens", max_tokens, low=1)
   batches = as_batches(batches)

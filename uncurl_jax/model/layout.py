@@ -179,9 +179,20 @@ def expert_counts(params: Mapping[str, Any],
     if path[-len(suffix):] == suffix:
       prefix = path[:-len(suffix)]
       stacked = flat.get(prefix + experts)
-      counts["/".join(prefix)] = (stacked.shape[0] if stacked is not None
-                                  else leaf.shape[-1])
+      counts["/".join(prefix)] = (_leaf_shape(prefix + experts, stacked)[0]
+                                  if stacked is not None else _leaf_shape(path, leaf)[-1])
   return counts
+
+
+def _leaf_shape(path: Path, leaf: Any) -> tuple[int, ...]:
+  """The shape of an MoE weight (an array or shape struct of rank >= 1)."""
+  if not hasattr(leaf, "shape"):
+    raise TypeError(f"params: MoE weight {'/'.join(path)!r} must be an array, got "
+                    f"{type(leaf).__name__}")
+  if not len(leaf.shape):
+    raise ValueError(f"params: MoE weight {'/'.join(path)!r} must be an array of rank >= 1, "
+                     "got a scalar")
+  return tuple(leaf.shape)
 
 
 def find_moe_layers(params: Mapping[str, Any],
@@ -236,6 +247,10 @@ def _read_layer(flat: dict[Path, Any], prefix: Path, layout: MoeLayout) -> MoeLa
 
 
 def _check_shapes(name: str, w: MoeLayerWeights) -> None:
+  for field in dataclasses.fields(w):
+    if getattr(w, field.name) is not None and not hasattr(getattr(w, field.name), "shape"):
+      raise TypeError(f"MoE layer {name!r}: {field.name} must be an array, got "
+                      f"{type(getattr(w, field.name)).__name__}")
   if len(w.router_kernel.shape) != 2:
     raise ValueError(f"MoE layer {name!r}: router kernel must be [d, E], got shape "
                      f"{tuple(w.router_kernel.shape)}")

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from uncurl_jax import checks
+
 
 def greedy_selection(score: Callable[[dict[str, np.ndarray]], Any],
                      num_experts: Mapping[str, int], targets: Mapping[str, int]
@@ -41,12 +43,20 @@ def greedy_selection(score: Callable[[dict[str, np.ndarray]], Any],
     ({layer: the kept experts, ascending}, [(layer, expert added, its score)] in order).
     Ties go to the lower expert index.
   """
+  if not callable(score):
+    raise TypeError(f"score must be callable, got {type(score).__name__}")
+  if not isinstance(num_experts, Mapping):
+    raise TypeError(f"num_experts must be a mapping {{layer: E}}, got "
+                    f"{type(num_experts).__name__}")
+  if not isinstance(targets, Mapping):
+    raise TypeError(f"targets must be a mapping {{layer: D}}, got {type(targets).__name__}")
   if set(targets) != set(num_experts):
     raise ValueError(f"targets {sorted(targets)} and num_experts {sorted(num_experts)} must "
                      "name the same layers")
-  for name, count in num_experts.items():
-    if not 1 <= int(targets[name]) <= int(count):
-      raise ValueError(f"target for {name!r} must be in [1, {count}], got {targets[name]}")
+  num_experts = {name: checks.integer(f"num_experts for {name!r}", count, low=1)
+                 for name, count in num_experts.items()}
+  targets = {name: checks.integer(f"target for {name!r}", targets[name], low=1,
+                                  high=num_experts[name]) for name in num_experts}
   masks = {name: np.ones(count, np.float32) for name, count in num_experts.items()}
   kept: dict[str, tuple[int, ...]] = {}
   trace: list[tuple[str, int, Any]] = []

@@ -192,7 +192,9 @@ class PrunePlan:
   def __post_init__(self):
     checks.choice("PrunePlan.method", self.method, methods_lib.names())
     checks.choice("PrunePlan.router", self.router, merge_lib.ROUTER_MODES)
-    checks.integer("PrunePlan.seed", self.seed, low=0)
+    if checks.integer("PrunePlan.seed", self.seed, low=0) > 2**32 - 1:
+      raise ValueError(f"PrunePlan.seed must be at most {2**32 - 1} (a 32-bit seed), got "
+                       f"{self.seed}")
     object.__setattr__(self, "router_init_std", checks.real(
         "PrunePlan.router_init_std", self.router_init_std, positive=True))
     if self.cluster is not None:

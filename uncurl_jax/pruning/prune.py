@@ -92,7 +92,7 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
     TypeError, ValueError: Before any work (`validate`), naming the argument: an unknown
       option; a target outside [1, E]; logits that are not a mapping with one finite,
       real floating [tokens > 0, E] array per MoE layer; NaN or infinite MoE weights; a
-      layout that does not match the params; a seed that is not an int >= 0; a
+      layout that does not match the params; a seed that is not an int in [0, 2**32); a
       router_init_std that is not a finite positive number; pretrained params missing
       for router_norm or given to another method.
 
@@ -118,14 +118,17 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
     num_experts = counts
   validate.finite_weights(layers)
   host_logits = validate.router_logits(logits, layers)
+  pretrained_router = validate.pretrained_router(pretrained_params, layers, layout)
+  targets = validate.targets(num_experts, layers)
+  top_k = validate.top_k(top_k, layers)
   timings = {} if timings is None else timings
   start = time.perf_counter()
   inputs = methods_lib.MethodInputs(
-      layers=layers, targets=validate.targets(num_experts, layers), logits=host_logits,
+      layers=layers, targets=targets, logits=host_logits,
       frequencies=None if host_logits is None else {
-          name: features_lib.selection_frequencies(h, validate.top_k(top_k, layers))
+          name: features_lib.selection_frequencies(h, top_k)
           for name, h in host_logits.items()},
-      pretrained_router=validate.pretrained_router(pretrained_params, layers, layout),
+      pretrained_router=pretrained_router,
       stats=stats, cluster=cluster, features=features, seed=seed, selection=kept)
   timings["features"] = time.perf_counter() - start
 
@@ -268,6 +271,10 @@ def pruned_config(config: configs.ModelConfig, plan: PrunePlan) -> configs.Model
     >>> pruned_config(configs.get("354m", num_experts=32), plan).num_experts
     8
   """
+  if not isinstance(config, configs.ModelConfig):
+    raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+  if not isinstance(plan, PrunePlan):
+    raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
   pruned = configs.with_expert_counts(config, plan.num_experts)
   if plan.router != "bind":
     return pruned

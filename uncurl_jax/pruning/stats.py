@@ -135,6 +135,7 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
     >>> stats = collect_expert_stats(model, params, batches, max_tokens=8192)
     >>> small = prune_params(params, stats, 8, method="hc_smoe")
   """
+  collect.check_model(model)
   if max_tokens is not None:
     checks.integer("max_tokens", max_tokens, low=1)
   batches = collect.as_batches(batches)

@@ -33,6 +33,10 @@ from uncurl_jax.pruning import merge as merge_lib
 from uncurl_jax.pruning import methods as methods_lib
 
 
+# The largest seed: scikit-learn's random_state and jax's keys take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+
+
 # ------------------------------------------------------------------------------------------
 # Arrays.
 
@@ -62,7 +66,8 @@ def float_matrix(name: str, value: Any, *, columns: int | None = None) -> np.nda
   if bad:
     raise ValueError(f"{name} has {bad} NaN or infinite values")
   limit = float(np.finfo(np.float32).max)
-  beyond = int(np.sum(np.abs(array) > limit))
+  # Only wider floats can exceed float32 (comparing float16 with the limit would overflow).
+  beyond = int(np.sum(np.abs(array) > limit)) if float(np.finfo(array.dtype).max) > limit else 0
   if beyond:
     raise ValueError(f"{name} has {beyond} values beyond float32's range (|x| > {limit:.3g}); "
                      "router logits are used as float32")
@@ -93,6 +98,7 @@ def default_num_experts(num_experts: int) -> int:
     >>> [default_num_experts(e) for e in (8, 32, 64, 128)]
     [2, 8, 32, 64]
   """
+  num_experts = integer("num_experts", num_experts, low=1)
   return max(1, num_experts // 4) if num_experts <= 32 else num_experts // 2
 
 
@@ -250,7 +256,8 @@ def pretrained_router(pretrained_params: Any, layers: Mapping[str, layout_lib.Mo
 def scalars(*, seed: Any, router_init_std: Any, num_workers: Any, layout: Any,
             timings: Any) -> None:
   """The scalar keyword arguments of `plan_pruning`."""
-  integer("seed", seed, low=0)
+  if integer("seed", seed, low=0) > MAX_SEED:
+    raise ValueError(f"seed must be at most {MAX_SEED} (a 32-bit seed), got {seed}")
   real("router_init_std", router_init_std, positive=True)
   if num_workers is not None:
     integer("num_workers", num_workers, low=0)
