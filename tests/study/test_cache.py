@@ -273,7 +273,7 @@ def _run_in_child(root, name, seconds, started, die=False):
 
 
 def test_a_second_process_waits_for_the_stage_and_reads_its_result(tmp_path):
-  context = multiprocessing.get_context("fork")
+  context = multiprocessing.get_context("spawn")
   started = context.Event()
   child = context.Process(target=_run_in_child, args=(str(tmp_path), "pretrain", 1.5, started))
   child.start()
@@ -289,7 +289,7 @@ def test_a_second_process_waits_for_the_stage_and_reads_its_result(tmp_path):
 
 
 def test_a_stage_whose_owner_died_is_resumed_by_the_next_process(tmp_path):
-  context = multiprocessing.get_context("fork")
+  context = multiprocessing.get_context("spawn")
   started = context.Event()
   child = context.Process(target=_run_in_child,
                           args=(str(tmp_path), "pretrain", 0.2, started, True))

@@ -3,8 +3,7 @@
 The miniature study of test_study.py runs once uninterrupted; a second copy is killed in
 training (during a checkpoint save), in pruning (before the pruned params are written)
 and while writing the report, each time rerun on the same directories; the final
-results.csv is byte-identical to the uninterrupted run's. A checkpoint that does not restore
-is reported, and its stage runs again.
+results.csv is byte-identical to the uninterrupted run's.
 """
 
 import random
@@ -15,7 +14,6 @@ from tests.study.test_study import _config
 from uncurl_jax.study import plots
 from uncurl_jax.study import run as study_run
 from uncurl_jax.study import stages
-from uncurl_jax.study.cache import Status
 from uncurl_jax.train import checkpoints
 
 
@@ -54,31 +52,3 @@ def test_killed_and_rerun_study_gives_byte_identical_results(tmp_path):
     assert f.read() == expected
   assert final["rows"] == straight["rows"]
 
-
-def test_a_checkpoint_that_does_not_restore_is_reported_and_its_stage_run_again(
-    tmp_path, caplog):
-  config = _config(tmp_path)
-  first = study_run.run_study(config)
-  # Adding a method reads the pretrained source's params back from its checkpoint; the
-  # first read fails as a damaged checkpoint would.
-  real = stages.restore_params
-  failed = []
-
-  def damaged_once(path, **kwargs):
-    if not failed and "pretrain-e4" in path:
-      failed.append(path)
-      raise ValueError("NOT_FOUND: Error reading OCDBT database")
-    return real(path, **kwargs)
-
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(stages, "restore_params", damaged_once)
-    with caplog.at_level("WARNING"):
-      second = study_run.run_study(_config(
-          tmp_path, methods=["uncurl:reinit", "frequency", "random"]))
-  assert failed
-  assert any("stage pretrain-e4 is damaged: its checkpoint does not restore (ValueError: "
-             "NOT_FOUND" in record.getMessage() for record in caplog.records)
-  assert ("pretrain-e4", Status.REPAIRED) in second["events"]
-  # The stage ran again from scratch and gave the same model: every row already there is
-  # unchanged.
-  assert [row for row in second["rows"] if "random" not in row.model] == first["rows"]

@@ -281,7 +281,8 @@ class StudyConfig:
     metric: Score of the table; `lower_is_better` flips the +/- marks.
     eval_num_examples: seqio `num_examples` of eval tasks (rows; rank tasks have one per
       option); None: the whole split.
-    eval_batches: Validation batches of tasks scored by their LM metrics.
+    eval_batches: Validation batches of tasks scored by their LM metrics, and of the
+      development split the oracle arm selects on (None: all).
     eval_batch_size: Rows per scoring forward pass.
     logits_max_tokens: Task tokens whose router logits drive pruning.
     usage_max_tokens: Task tokens of the expert-usage histograms.

@@ -286,7 +286,7 @@ class StageWork:
   def oracle_key(self, task, num_experts: int) -> dict:
     cfg = self.config
     dev_task = cfg.dev_tasks[task.name]
-    return {"dev_task": dev_task, "num_experts": num_experts,
+    return {"dev_task": dev_task, "num_experts": num_experts, "max_batches": cfg.eval_batches,
             "batch_size": cfg.eval_batch_size, "pack": cfg.finetune.pack,
             "feature_lengths": dict(cfg.finetune.task_feature_lengths),
             "dropless": True, "scored_examples": scored_examples(dev_task)}
@@ -298,8 +298,9 @@ class StageWork:
   def oracle_select(self, directory: str, task, config: configs.ModelConfig, params: Any,
                     num_experts: int) -> dict:
     """The oracle arm's experts: per layer, `num_experts` chosen greedily to maximise the
-    accuracy on the task's development split (ties: its mean log-likelihood), scored with
-    the gates bound (`pruning.greedy_selection`); written to `directory/selection.json`."""
+    accuracy on the task's development split (its first `eval_batches` batches; ties: its
+    mean log-likelihood), scored with the gates bound (`pruning.greedy_selection`); written
+    to `directory/selection.json`."""
     cfg = self.config
     # Dropless: a mask over E columns routes like the bound D-expert model only when no
     # token is dropped (capacity is computed for E experts here, for D there).
@@ -307,7 +308,8 @@ class StageWork:
     batches = list(pipeline.eval_batches(
         mixture_or_task_name=cfg.dev_tasks[task.name],
         task_feature_lengths=dict(cfg.finetune.task_feature_lengths),
-        batch_size=cfg.eval_batch_size, split="validation", pack=cfg.finetune.pack))
+        batch_size=cfg.eval_batch_size, split="validation", pack=cfg.finetune.pack,
+        max_batches=cfg.eval_batches))
     model = decoder.SMoEDecoder(scored)
 
     @jax.jit
