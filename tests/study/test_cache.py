@@ -299,3 +299,18 @@ def test_a_stage_whose_owner_died_is_resumed_by_the_next_process(tmp_path):
   stage = study_cache.StageCache(tmp_path).run("pretrain", {"steps": 4},
                                                lambda d: {"by": os.getpid()})
   assert stage.status == Status.RESUMED and stage.result == {"by": os.getpid()}
+
+
+def test_a_repair_leaves_a_stage_another_process_has_rebuilt_since(tmp_path):
+  """Two processes fail to restore the same checkpoint: the first repairs and rebuilds it;
+  the second's repair, of the stage as it read it before, must not discard the rebuilt one."""
+  lines = []
+  first, second = (study_cache.StageCache(tmp_path, notify=lines.append) for _ in range(2))
+  seen_by_second = second.run("pretrain", {"steps": 4}, _checkpointed)
+  stale = first.run("pretrain", {"steps": 4}, _checkpointed)
+  first.repair(stale, "its checkpoint does not restore (ValueError: bad)")
+  rebuilt = first.run("pretrain", {"steps": 4}, _checkpointed)
+  assert rebuilt.status == Status.REPAIRED and rebuilt.stamp != seen_by_second.stamp
+  second.repair(seen_by_second, "its checkpoint does not restore (ValueError: bad)")
+  assert len(lines) == 1  # only the first repair was reported
+  assert second.run("pretrain", {"steps": 4}, _checkpointed).status == Status.SKIPPED

@@ -65,6 +65,15 @@ STAGE_FORMAT = 2
 CHECKSUM_MAX_BYTES = 1 << 20  # files up to this size are checksummed, larger ones sized
 
 
+def _stamp(directory: str) -> tuple[int, int] | None:
+  """(inode, mtime ns) of a stage's result.json (None: there is none)."""
+  try:
+    info = os.stat(os.path.join(directory, RESULT_FILE))
+  except FileNotFoundError:
+    return None
+  return (info.st_ino, info.st_mtime_ns)
+
+
 def _package_version() -> str:
   try:
     return importlib.metadata.version("uncurl_jax")
@@ -183,6 +192,8 @@ class Stage:
     result: The JSON value the stage function returned.
     status: What `StageCache.run` did.
     seconds: Wall time of the stage function when it ran (also for a skipped stage).
+    stamp: (inode, modification time in ns) of the result.json it came from, so that a
+      repair can tell whether another process has rebuilt the stage since.
   """
 
   name: str
@@ -191,6 +202,7 @@ class Stage:
   result: Any
   status: Status
   seconds: float = 0.0
+  stamp: tuple[int, int] | None = None
 
   def path(self, *parts: str) -> str:
     """A path inside the stage's directory."""
@@ -336,12 +348,16 @@ class StageCache:
           "result_sha256": config_key({"result": result}),
           "format": STAGE_FORMAT, "version": _package_version(),
           "files": manifest(directory)})
-    return self._record(Stage(name, key, directory, result, status, seconds))
+    return self._record(Stage(name, key, directory, result, status, seconds,
+                              _stamp(directory)))
 
   def repair(self, stage: Stage | StageSpec, problem: str) -> None:
     """Reports `stage` as damaged (`problem`: what is wrong, e.g. its checkpoint does not
     restore) and empties its directory, so that the next `run` computes it again."""
     with self._owned(stage.name, stage.directory):
+      stamp = _stamp(stage.directory)
+      if stamp is not None and getattr(stage, "stamp", None) not in (None, stamp):
+        return  # another process has rebuilt it since `stage` was read: that one is used
       self._discard(stage.name, stage.directory, problem)
 
   # ------------------------------------------------------------------------------------
@@ -387,12 +403,18 @@ class StageCache:
           self._discard(name, directory, problem)
     if saved is None:
       return None
-    if "files" not in saved:  # written before manifests: record one now
-      saved = {**saved, "format": STAGE_FORMAT, "version": _package_version(),
-               "result_sha256": config_key({"result": saved["result"]}),
-               "files": manifest(directory)}
-      _write_json_atomically(os.path.join(directory, RESULT_FILE), saved)
-    return Stage(name, key, directory, saved["result"], Status.SKIPPED, saved.get("seconds", 0.0))
+    if "files" not in saved:  # written before manifests: record one now, as its owner
+      with self._owned(name, directory):
+        saved, _ = self._check(key, directory)
+        if saved is None:  # repaired by another process meanwhile
+          return None
+        if "files" not in saved:
+          saved = {**saved, "format": STAGE_FORMAT, "version": _package_version(),
+                   "result_sha256": config_key({"result": saved["result"]}),
+                   "files": manifest(directory)}
+          _write_json_atomically(os.path.join(directory, RESULT_FILE), saved)
+    return Stage(name, key, directory, saved["result"], Status.SKIPPED, saved.get("seconds", 0.0),
+                 _stamp(directory))
 
   def _discard(self, name: str, directory: str, problem: str) -> None:
     self.notify(f"stage {name} is damaged: {problem}; running it again")

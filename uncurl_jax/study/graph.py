@@ -80,8 +80,9 @@ class StageGraph:
       stage = self.finished(spec)
       try:
         params = self._restore(stage, spec)
-      except Exception as e:  # pylint: disable=broad-except
-        # A damaged stage (its checkpoint does not restore): reported, emptied, run again.
+      except (OSError, ValueError) as e:
+        # A damaged stage (its checkpoint does not restore: file and tensorstore errors;
+        # other errors are bugs and propagate): reported, emptied, run again.
         self.cache.repair(stage, f"its checkpoint does not restore ({type(e).__name__}: "
                                  f"{str(e).splitlines()[0] if str(e) else ''})")
         del self.done[spec.key]
