@@ -131,11 +131,8 @@ def judgement_dataset(split: str, shuffle_files: bool, seed: int | None = None, 
     raise ValueError(f"unknown split {split!r}; expected one of {tuple(_SPLITS)}")
   if kind == "truth":
     examples = world.judgements(_SPLITS[split][part])
-  elif kind.startswith("property:"):
+  else:  # "property:<query position>", checked by register_truth_task
     examples = world.properties(_SPLITS[split][part], query=kind.split(":")[1])
-  else:
-    raise ValueError(f"unknown judgement kind {kind!r}; expected 'truth' or "
-                     "'property:<query position>'")
   if rank:
     examples = rank_rows(examples, world)
   dataset = tf.data.Dataset.from_tensor_slices(examples)
