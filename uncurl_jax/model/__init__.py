@@ -30,6 +30,8 @@ from uncurl_jax.model.decoder import SMoEDecoder
 from uncurl_jax.model.decoder import param_count
 from uncurl_jax.model.forward import check_params
 from uncurl_jax.model.layout import DEFAULT_LAYOUT
+from uncurl_jax.model.layout import HF_MIXTRAL_LAYOUT
+from uncurl_jax.model.layout import HF_QWEN_MOE_LAYOUT
 from uncurl_jax.model.layout import MAXTEXT_LAYOUT
 from uncurl_jax.model.layout import T5X_GATED_LAYOUT
 from uncurl_jax.model.layout import T5X_LAYOUT
@@ -41,6 +43,8 @@ from uncurl_jax.model.moe import MoeLayer
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "HF_MIXTRAL_LAYOUT",
+    "HF_QWEN_MOE_LAYOUT",
     "MAXTEXT_LAYOUT",
     "ModelConfig",
     "MoeLayer",

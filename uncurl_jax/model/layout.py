@@ -109,6 +109,25 @@ MAXTEXT_LAYOUT = MoeLayout(
     wi_kernel="wi_1", wi_bias=None,
     wo_kernel="wo", wo_bias=None)
 
+# Hugging Face MoE models as `uncurl_jax.hf` reads them (per layer `layers_<i>/mlp`,
+# per-expert tensors stacked, kernels transposed to x @ W): Mixtral's `block_sparse_moe`
+# (w1 activated, w3 linear, w2 down) ...
+HF_MIXTRAL_LAYOUT = MoeLayout(
+    router_kernel="gate/kernel", router_bias=None,
+    gate_kernel="experts/w1", gate_bias=None,
+    wi_kernel="experts/w3", wi_bias=None,
+    wo_kernel="experts/w2", wo_bias=None)
+
+# ... and Qwen2-MoE, Qwen3-MoE, OLMoE and DeepSeek-V2/V3 (`gate_proj` activated, `up_proj`,
+# `down_proj`; DeepSeek-V3's `gate/e_score_correction_bias` is the router bias). Shared
+# experts are not under `mlp` in these trees (`layers_<i>/shared_expert*`): pruning leaves
+# them alone.
+HF_QWEN_MOE_LAYOUT = MoeLayout(
+    router_kernel="gate/kernel", router_bias=None,
+    gate_kernel="experts/gate_proj", gate_bias=None,
+    wi_kernel="experts/up_proj", wi_bias=None,
+    wo_kernel="experts/down_proj", wo_bias=None)
+
 # The layouts `detect_layout` tries, each with every optional bias named.
 _KNOWN_LAYOUTS = {
     "DEFAULT_LAYOUT": DEFAULT_LAYOUT,
@@ -121,6 +140,9 @@ _KNOWN_LAYOUTS = {
     "MAXTEXT_LAYOUT": dataclasses.replace(
         MAXTEXT_LAYOUT, router_bias="gate/bias", gate_bias="wi_0_bias", wi_bias="wi_1_bias",
         wo_bias="wo_bias"),
+    "HF_MIXTRAL_LAYOUT": HF_MIXTRAL_LAYOUT,
+    "HF_QWEN_MOE_LAYOUT": dataclasses.replace(
+        HF_QWEN_MOE_LAYOUT, router_bias="gate/e_score_correction_bias"),
 }
 _OPTIONAL_FIELDS = ("router_bias", "gate_bias", "wi_bias", "wo_bias")
 _MOE_WORDS = ("expert", "router", "moe", "gate", "wi_0", "wi_1")
@@ -272,8 +294,8 @@ def _check_shapes(name: str, w: MoeLayerWeights) -> None:
 
 
 def detect_layout(params: Mapping[str, Any]) -> MoeLayout:
-  """The known layout (`DEFAULT_LAYOUT`, `T5X_LAYOUT`, `T5X_GATED_LAYOUT`, `MAXTEXT_LAYOUT`)
-  that describes `params`, with the optional biases the params have.
+  """The known layout (`DEFAULT_LAYOUT`, `T5X_LAYOUT`, `T5X_GATED_LAYOUT`, `MAXTEXT_LAYOUT`,
+  `HF_MIXTRAL_LAYOUT`, `HF_QWEN_MOE_LAYOUT`) that describes `params`, with the optional biases the params have.
 
   Args:
     params: Parameter pytree (arrays or shape structs).
