@@ -71,9 +71,11 @@ def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) ->
   (`forward.check_params` on the batches' shape)."""
   if not isinstance(params, Mapping):
     raise TypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
-  if not layout_lib.expert_counts(params):
+  try:
+    layout_lib.detect_layout(params)
+  except ValueError:
     raise ValueError("params have no MoE layer (no router kernel); router logits come from "
-                     "the MoE layers of an SMoE model")
+                     "the MoE layers of an SMoE model") from None
   forward_lib.check_params(model, params, "the params", batch_shape=tuple(batch_shape))
 
 

@@ -36,12 +36,24 @@ INTERMEDIATE_NAMES = ("auxiliary_loss", "router_z_loss", "fraction_tokens_left_b
 
 
 class ExpertWeights(NamedTuple):
-  """Stacked expert parameters; the leading axis indexes experts."""
+  """Stacked expert parameters; the leading axis indexes experts.
+
+  Plain experts (this project's): `act(x wi + bi) wo + bo`. Gated experts (SwiGLU, GeGLU:
+  Mixtral, Qwen-MoE, OLMoE, flaxformer's and MaxText's): `(act(x gate + bg) * (x wi + bi))
+  wo + bo`, with `gate_kernel` given. A bias may be None (no bias).
+  """
 
   wi_kernel: jax.Array  # [E, d, f]
-  wi_bias: jax.Array  # [E, f]
+  wi_bias: jax.Array | None  # [E, f]
   wo_kernel: jax.Array  # [E, f, d]
-  wo_bias: jax.Array  # [E, d]
+  wo_bias: jax.Array | None  # [E, d]
+  gate_kernel: jax.Array | None = None  # [E, d, f], gated experts only
+  gate_bias: jax.Array | None = None  # [E, f]
+
+
+# Expert activations: GELU (tanh approximation, GPT-2 and this project's models) and SiLU
+# (the SwiGLU experts of Mixtral, Qwen-MoE, OLMoE, DeepSeek).
+ACTIVATIONS = {"gelu": nn.gelu, "silu": nn.silu}
 
 
 # ----------------------------------------------------------------------------------------
@@ -104,9 +116,15 @@ class _Experts(nn.Module):
 # Pure pieces: experts, dispatch, combine.
 
 
+def _projection(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+  y = jnp.einsum("egcd,edf->egcf", x, kernel.astype(dtype))
+  return y if bias is None else y + bias.astype(dtype)[:, None, None, :]
+
+
 def expert_ffn(buffers: jax.Array, weights: ExpertWeights, *, dtype,
-               model_axis: str | None = None) -> jax.Array:
-  """Runs expert e on `buffers[e]`: `gelu(x @ wi[e] + bi[e]) @ wo[e] + bo[e]`.
+               model_axis: str | None = None, activation: str = "gelu") -> jax.Array:
+  """Runs expert e on `buffers[e]`: `act(x @ wi[e] + bi[e]) @ wo[e] + bo[e]`, or for gated
+  experts `(act(x @ gate[e] + bg[e]) * (x @ wi[e] + bi[e])) @ wo[e] + bo[e]`.
 
   Example: `expert_ffn(jnp.zeros((E, G, C, d)), weights, dtype=jnp.float32)`.
 
@@ -116,13 +134,21 @@ def expert_ffn(buffers: jax.Array, weights: ExpertWeights, *, dtype,
     dtype: Compute dtype.
     model_axis: Mesh axis over which d_ff is split; the partial second projections are
       summed over it before the (unsplit) output bias is added once.
+    activation: A key of `ACTIVATIONS` ("gelu", "silu").
   """
-  hidden = jnp.einsum("egcd,edf->egcf", buffers.astype(dtype), weights.wi_kernel.astype(dtype))
-  hidden = nn.gelu(hidden + weights.wi_bias.astype(dtype)[:, None, None, :])
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+  act = ACTIVATIONS[activation]
+  x = buffers.astype(dtype)
+  hidden = _projection(x, weights.wi_kernel, weights.wi_bias, dtype)
+  if weights.gate_kernel is None:
+    hidden = act(hidden)
+  else:
+    hidden = act(_projection(x, weights.gate_kernel, weights.gate_bias, dtype)) * hidden
   out = jnp.einsum("egcf,efd->egcd", hidden, weights.wo_kernel.astype(dtype))
   if model_axis is not None:
     out = jax.lax.psum(out, model_axis)
-  return out + weights.wo_bias.astype(dtype)[:, None, None, :]
+  return out if weights.wo_bias is None else out + weights.wo_bias.astype(dtype)[:, None, None, :]
 
 
 def _token_coordinates(routing: router.Routing) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -185,11 +211,15 @@ def group_tokens(x: jax.Array, group_size: int | None) -> jax.Array:
 
 def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, *,
                 config: ModelConfig, train: bool, expert_axis: str | None = None,
-                model_axis: str | None = None, column_mask: jax.Array | None = None):
+                model_axis: str | None = None, column_mask: jax.Array | None = None,
+                activation: str = "gelu", renormalize_gates: bool = False):
   """The MoE FFN on a `[B, L, d]` batch, as a pure function of the weights.
 
   With `expert_axis` (inside shard_map) the local buffers are exchanged with
   all_to_all so that each shard runs only its own experts on every shard's tokens.
+  `activation` is the experts' (`expert_ffn`); `renormalize_gates` divides each token's
+  top-k gates by their sum (Mixtral; Qwen-MoE and OLMoE with `norm_topk_prob`), which
+  this project's models do not.
 
   Example: `y, logits, stats = moe_forward(x, kernel, experts, config=cfg, train=False)`.
 
@@ -203,15 +233,19 @@ def moe_forward(x: jax.Array, router_kernel: jax.Array, experts: ExpertWeights, 
   logits = router.router_logits(grouped, router_kernel)
   routing = router.route_tokens(logits, top_k=config.top_k, capacity=capacity,
                                 expert_map=config.router_map, column_mask=column_mask)
+  if renormalize_gates:
+    routing = routing._replace(gate=routing.gate / jnp.sum(routing.gate, -1, keepdims=True))
 
   buffers = dispatch_tokens(grouped, routing, capacity=capacity, mode=config.dispatch,
                             num_experts=config.num_experts)
   if expert_axis is None:
-    outputs = expert_ffn(buffers, experts, dtype=dtype, model_axis=model_axis)
+    outputs = expert_ffn(buffers, experts, dtype=dtype, model_axis=model_axis,
+                         activation=activation)
   else:
     # [E, G, C, d] -> [E/n, n*G, C, d]: this shard's experts, every shard's groups.
     buffers = jax.lax.all_to_all(buffers, expert_axis, 0, 1, tiled=True)
-    outputs = expert_ffn(buffers, experts, dtype=dtype, model_axis=model_axis)
+    outputs = expert_ffn(buffers, experts, dtype=dtype, model_axis=model_axis,
+                         activation=activation)
     outputs = jax.lax.all_to_all(outputs, expert_axis, 1, 0, tiled=True)
   y = combine_outputs(outputs, routing, capacity=capacity, mode=config.dispatch)
 

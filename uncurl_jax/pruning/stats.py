@@ -43,12 +43,16 @@ from uncurl_jax.model import layout as layout_lib
 
 def _expert_weights(weights: layout_lib.MoeLayerWeights) -> moe.ExpertWeights:
   return moe.ExpertWeights(wi_kernel=weights.wi_kernel, wi_bias=weights.wi_bias,
-                           wo_kernel=weights.wo_kernel, wo_bias=weights.wo_bias)
+                           wo_kernel=weights.wo_kernel, wo_bias=weights.wo_bias,
+                           gate_kernel=weights.gate_kernel, gate_bias=weights.gate_bias)
 
 
-@functools.partial(jax.jit, static_argnames=("top_k", "dtype"))
+@functools.partial(jax.jit, static_argnames=("top_k", "dtype", "activation",
+                                             "renormalize_gates"))
 def layer_sums(x: jax.Array, mask: jax.Array, router_kernel: jax.Array,
-               experts: moe.ExpertWeights, *, top_k: int, dtype: str) -> dict[str, jax.Array]:
+               experts: moe.ExpertWeights, *, top_k: int, dtype: str,
+               activation: str = "gelu", renormalize_gates: bool = False
+               ) -> dict[str, jax.Array]:
   """One batch's contributions to a layer's statistics (real tokens: `mask`).
 
   Args:
@@ -58,6 +62,10 @@ def layer_sums(x: jax.Array, mask: jax.Array, router_kernel: jax.Array,
     experts: Stacked expert weights.
     top_k: Router choices per token.
     dtype: Compute dtype of the experts.
+    activation: The experts' activation (`moe.ACTIVATIONS`); gated experts when
+      `experts.gate_kernel` is given.
+    renormalize_gates: The gate in REAP's saliency is the probability renormalized over
+      the token's top-k choices (models that route so: Mixtral, `norm_topk_prob`).
 
   Returns:
     logits [B, L, E] and the sums over counted tokens: top1 [E], topk [E], reap [E]
@@ -67,16 +75,18 @@ def layer_sums(x: jax.Array, mask: jax.Array, router_kernel: jax.Array,
                       precision=jax.lax.Precision.HIGHEST)
   probs = jax.nn.softmax(logits, axis=-1)
   num_experts = probs.shape[-1]
-  _, chosen = jax.lax.top_k(probs, top_k)
+  top_probs, chosen = jax.lax.top_k(probs, top_k)
+  gates = probs / jnp.sum(top_probs, -1, keepdims=True) if renormalize_gates else probs
   weight = mask.astype(jnp.float32)
   routed = jnp.max(jax.nn.one_hot(chosen, num_experts), axis=-2) * weight[..., None]
   first = jax.nn.one_hot(chosen[..., 0], num_experts) * weight[..., None]
 
   def one_expert(e):
     single = jax.tree.map(lambda w: jax.lax.dynamic_slice_in_dim(w, e, 1, 0), experts)
-    out = moe.expert_ffn(x[None], single, dtype=jnp.dtype(dtype))[0].astype(jnp.float32)
+    out = moe.expert_ffn(x[None], single, dtype=jnp.dtype(dtype),
+                         activation=activation)[0].astype(jnp.float32)
     norm = jnp.linalg.norm(out, axis=-1)                     # [B, L]
-    return (jnp.sum(routed[..., e] * probs[..., e] * norm),
+    return (jnp.sum(routed[..., e] * gates[..., e] * norm),
             jnp.einsum("bl,bld->d", weight, out))
 
   reap, output = jax.lax.map(one_expert, jnp.arange(num_experts))
@@ -117,11 +127,14 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
 
   One streaming pass: batch by batch, keeping the real tokens' router logits on the
   host and sums of the rest, until `max_tokens` real tokens (in batch order). Batches and
-  params are checked as in `collect_router_logits`. For this project's `SMoEDecoder` (its
-  MoE layers sow their inputs into 'moe_inputs'; experts are `moe.expert_ffn`).
+  params are checked as in `collect_router_logits`. For models whose MoE layers sow their
+  inputs into 'moe_inputs' and whose experts are `moe.expert_ffn`: this project's
+  `SMoEDecoder` and `uncurl_jax.hf`'s models (gated SiLU experts; the layout is
+  `detect_layout`'s, the activation and gate renormalization the config's
+  `expert_activation` and `renormalize_gates`).
 
   Args:
-    model: The SMoEDecoder.
+    model: The SMoEDecoder (or an `uncurl_jax.hf` model).
     params: Its params.
     batches: Task batches (see `collect_router_logits`).
     max_tokens: Stop after this many real tokens; None: all batches.
@@ -143,6 +156,8 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
   top_k = int(getattr(config, "top_k", 1))
   vocab_size = getattr(config, "vocab_size", None)
   dtype = str(getattr(config, "dtype", "float32"))
+  activation = str(getattr(config, "expert_activation", "gelu"))
+  renormalize_gates = bool(getattr(config, "renormalize_gates", False))
   forward = forward_lib.sown_forward(model, "moe_inputs")
   accumulators: dict[str, _Accumulator] = {}
   total = num_batches = 0
@@ -152,7 +167,7 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
       collect.check_batch(batch, num_batches, vocab_size=vocab_size)
       if layers is None:
         collect.check_model_params(model, params, np.shape(batch["decoder_input_tokens"]))
-        layers = layout_lib.find_moe_layers(params)
+        layers = layout_lib.find_moe_layers(params, layout_lib.detect_layout(params))
       mask = collect.real_token_mask(batch)
       if max_tokens is not None:
         mask = collect.first_true(mask, max_tokens - total)
@@ -162,7 +177,8 @@ def collect_expert_stats(model: Any, params: Mapping[str, Any],
                     inputs_bidirectional_attention=inputs_bidirectional_attention))).items()}
       for name, weights in layers.items():
         sums = layer_sums(inputs[name], jnp.asarray(mask), weights.router_kernel,
-                          _expert_weights(weights), top_k=top_k, dtype=dtype)
+                          _expert_weights(weights), top_k=top_k, dtype=dtype,
+                          activation=activation, renormalize_gates=renormalize_gates)
         accumulators.setdefault(name, _Accumulator()).add(sums, mask)
       count = int(mask.sum())
       total, num_batches = total + count, num_batches + 1
