@@ -45,7 +45,7 @@ def config_for(family: str, *, num_experts: int = 8, top_k: int = 2,
     return transformers.OlmoeConfig(intermediate_size=16, num_hidden_layers=2,
                                     num_experts=num_experts, clip_qkv=2.0,
                                     norm_topk_prob=bool(norm_topk_prob), **common)
-  deepseek = dict(common, intermediate_size=40, moe_intermediate_size=16,
+  deepseek = dict(common, num_key_value_heads=4, intermediate_size=40, moe_intermediate_size=16,
                   num_hidden_layers=3, n_routed_experts=num_experts, n_shared_experts=1,
                   first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16,
                   q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)

@@ -344,6 +344,12 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Compute dtype of the logits pass.")
   flags.DEFINE_boolean("allow_uneven", False, "Allow different counts per layer.")
+  flags.DEFINE_boolean("verbose", False, "Show INFO logs (else warnings and errors only).")
+  flags.DEFINE_boolean("debug", False, "Show the traceback of an error (else one message).")
+
+
+# What a user's mistake raises: one line and exit code 2 (`--debug`: the traceback).
+USER_ERRORS = (ValueError, TypeError, OSError, KeyError)
 
 
 def router_logits_for(model_dir: str, texts: Sequence[str] | Any, *, max_tokens: int,
@@ -366,13 +372,16 @@ def router_logits_for(model_dir: str, texts: Sequence[str] | Any, *, max_tokens:
 
 
 def main(argv: Sequence[str]) -> pruning.PrunePlan:
-  """The command: prune --model into --output (see the module docstring)."""
-  from uncurl_jax import cli  # pylint: disable=import-outside-toplevel
+  """The command: prune --model into --output (see the module docstring).
+
+  It does not import `uncurl_jax.cli` (which starts TensorFlow for the data pipeline):
+  TensorFlow is imported only for --task.
+  """
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   try:
     if len(argv) > 1:
       raise ValueError(f"unexpected arguments: {argv[1:]}")
-    cli.set_up_logging(verbose=FLAGS.verbose)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
     for name in ("model", "output"):
       if FLAGS[name].value is None:
         raise ValueError(f"--{name} is required")
@@ -408,10 +417,12 @@ def main(argv: Sequence[str]) -> pruning.PrunePlan:
                               method=FLAGS.method, router=FLAGS.router,
                               cluster=FLAGS.cluster, seed=FLAGS.seed,
                               allow_uneven=FLAGS.allow_uneven)
-  except cli.USER_ERRORS as error:
+  except USER_ERRORS as error:
     if FLAGS.debug:
       raise
-    cli.exit_with_message(argv[0] if argv else "uncurl_jax.hf.prune", cli.short_message(error))
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    print(f"uncurl_jax.hf.prune: error: {type(error).__name__}: {message}", file=sys.stderr)
+    sys.exit(2)
   print(result.summary())
   if result.router == "reinit":
     print("note: the router was re-initialized (the paper's recipe): finetune the pruned "
@@ -421,6 +432,6 @@ def main(argv: Sequence[str]) -> pruning.PrunePlan:
 
 
 if __name__ == "__main__":
-  from uncurl_jax import cli as _cli  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
   define_flags()
-  _cli.run(main)
+  app.run(lambda argv: main(argv) and None)
