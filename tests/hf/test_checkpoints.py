@@ -339,3 +339,15 @@ def test_command_bad_input_exits_2_with_one_message(tmp_path, args, message):
   assert "Traceback" not in result.stderr
   assert __import__("re").search(message, result.stderr), result.stderr
   assert not (tmp_path / "o").exists()
+
+
+def test_the_docs_python_example_runs(capsys, monkeypatch):
+  """docs/checkpoints.md's Python example, run as written from the repository root."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  text = open(os.path.join(root, "docs", "checkpoints.md")).read()
+  block = text.split("```python\n", 1)[1].split("```", 1)[0]
+  monkeypatch.chdir(root)
+  exec(compile(block, "docs/checkpoints.md", "exec"), {})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  assert "'layers_1/mlp': (64, 8)" in printed
+  assert "{'layers_1/mlp': 4, 'layers_2/mlp': 4}" in printed

@@ -5,7 +5,7 @@ safetensors, plans that layer (`pruning.plan_pruning`, with the task's router lo
 expert statistics) or takes its plan, applies it (`pruning.apply_plan`) and writes the
 layer's shard before reading the next, so memory holds about one layer. Every other tensor
 is copied unchanged, in shards of at most `copy_shard_bytes`. The result is a checkpoint
-in the per-expert layout (which transformers 4 and 5 and vLLM load), its config's expert
+in the per-expert layout (which transformers 4 and 5 and vLLM read), its config's expert
 count set to D (`num_experts_per_tok` at most D), its tokenizer and other files copied, and
 the plan beside it (`uncurl_plan.json`). It is written to a temporary sibling directory
 and renamed at the end: a failure leaves no half-written output.
