@@ -10,6 +10,7 @@ method, seconds, peak RSS, and the bound the issue sets: the largest MoE layer's
 
   python benchmarks/hf_prune_memory.py --directory=/tmp/hf_bench
   python benchmarks/hf_prune_memory.py --directory=/tmp/hf_bench --layers=2 --experts=8  # quick
+  (--keep keeps the generated checkpoint, --reuse reuses it)
 """
 
 from __future__ import annotations
@@ -105,13 +106,22 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=8192)
   parser.add_argument("--methods", default="frequency:anchor,uncurl:merge")
   parser.add_argument("--keep", action="store_true", help="Keep the generated files.")
+  parser.add_argument("--reuse", action="store_true",
+                      help="Reuse a checkpoint of the same shape kept by --keep.")
   args = parser.parse_args()
 
   source = os.path.join(args.directory, "source")
-  shutil.rmtree(args.directory, ignore_errors=True)
   start = time.perf_counter()
-  largest = make_checkpoint(source, layers=args.layers, experts=args.experts,
-                            hidden=args.hidden, width=args.width, vocab=args.vocab)
+  shape = dict(layers=args.layers, experts=args.experts, hidden=args.hidden, width=args.width,
+               vocab=args.vocab)
+  stamp = os.path.join(args.directory, "shape.json")
+  if args.reuse and os.path.isfile(stamp) and json.load(open(stamp))["shape"] == shape:
+    largest = json.load(open(stamp))["largest"]
+  else:
+    shutil.rmtree(args.directory, ignore_errors=True)
+    largest = make_checkpoint(source, **shape)
+    with open(stamp, "w") as f:
+      json.dump({"shape": shape, "largest": largest}, f)
   total = sum(os.path.getsize(os.path.join(source, f)) for f in os.listdir(source))
   print(f"checkpoint: {total / GIB:.2f} GiB in {args.layers} layers x {args.experts} experts, "
         f"largest MoE layer {largest / GIB:.3f} GiB (written in "

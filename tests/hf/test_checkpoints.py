@@ -190,6 +190,21 @@ def test_deepseek_prunes_routed_experts_only(family, tmp_path):
     np.testing.assert_array_equal(after[name], before[name])
 
 
+def test_uneven_counts_only_when_asked(tmp_path):
+  source = ckpts.fixture("olmoe")
+  out = str(tmp_path / "out")
+  counts = {"layers_0/mlp": 4, "layers_1/mlp": 2}
+  plan = hf_prune.prune_checkpoint(source, out, ckpts.task_logits(source), counts,
+                                   method="frequency", router="anchor", allow_uneven=True,
+                                   progress=False)
+  assert plan.num_experts == counts
+  config = json.load(open(os.path.join(out, "config.json")))
+  assert config["num_experts"] == 4 and config["num_experts_per_layer"] == {"0": 4, "1": 2}
+  after = ckpts.tensors(out)
+  assert after["model.layers.1.mlp.gate.weight"].shape == (2, 32)
+  assert "model.layers.1.mlp.experts.2.up_proj.weight" not in after
+
+
 def test_sharded_output_and_index(tmp_path):
   """Copied tensors go in shards of at most copy_shard_bytes; the index lists them all."""
   source = ckpts.fixture("qwen2_moe")
@@ -313,7 +328,8 @@ def test_command_prunes_from_task_text(tmp_path):
                     "--method=uncurl", "--router=merge", f"--task_text={text}",
                     cwd=tmp_path)
   assert result.returncode == 0, result.stderr
-  assert "layers_1/mlp: 8 -> 4 experts" in result.stderr + result.stdout
+  assert "layers_1/mlp: 8 -> 4 experts" in result.stdout     # the plan's summary
+  assert "members [" in result.stdout
   assert f"pruned checkpoint: {tmp_path / 'pruned'}" in result.stdout
   out = tmp_path / "pruned"
   assert checkpoint_lib.Checkpoint(out).num_experts == 4

@@ -1,21 +1,31 @@
-"""Hugging Face MoE checkpoints in JAX: read, run, prune, write back.
+"""Hugging Face MoE checkpoints in JAX: read, run, collect, prune layer by layer, write back.
 
-Families: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (with a JAX forward checked against
-transformers) and DeepSeek-V2/V3 (pruned and written; no forward). See docs/checkpoints.md.
+Families: Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (with a JAX forward checked against
+transformers) and DeepSeek-V2/V3 (pruned and written; no forward). `python -m
+uncurl_jax.hf.prune` is the command. See docs/checkpoints.md.
 
 Example:
-  >>> from uncurl_jax import hf, pruning, collect_router_logits
+  >>> from uncurl_jax import collect_router_logits, hf
   >>> config, params = hf.load_checkpoint("Qwen3-30B-A3B")
   >>> model = hf.HfMoeDecoder(config)
   >>> logits = collect_router_logits(model, params, batches, max_tokens=65536)
-  >>> hf.prune_checkpoint("Qwen3-30B-A3B", "Qwen3-pruned", logits, 64, method="uncurl")
+  >>> plan = hf.prune_checkpoint("Qwen3-30B-A3B", "Qwen3-pruned", logits, 64,
+  ...                            method="uncurl", router="merge")
 """
+from uncurl_jax.hf.checkpoint import Checkpoint
+from uncurl_jax.hf.checkpoint import load as load_checkpoint
 from uncurl_jax.hf.config import HfMoeConfig
 from uncurl_jax.hf.families import FAMILIES
+from uncurl_jax.hf.families import Family
 from uncurl_jax.hf.modeling import HfMoeDecoder
+from uncurl_jax.hf.prune import prune_checkpoint
 
 __all__ = [
     "FAMILIES",
+    "Checkpoint",
+    "Family",
     "HfMoeConfig",
     "HfMoeDecoder",
+    "load_checkpoint",
+    "prune_checkpoint",
 ]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax
@@ -132,13 +131,26 @@ class Checkpoint:
         if missing:
           raise ValueError(f"{self.directory}: MoE layer {layer} ({prefix}) lacks experts "
                            f"{missing[:8]} of {proj} (the router has {num_experts} rows)")
-        experts[proj] = np.stack([self.read(f"{prefix}.experts.{j}.{proj}.weight").T
-                                  for j in range(num_experts)])
+        experts[proj] = self._stacked(f"{prefix}.experts.{{}}.{proj}.weight", num_experts)
     if any(a.shape[0] != num_experts for a in experts.values()):
       raise ValueError(f"{self.directory}: MoE layer {layer}: {num_experts} router rows but "
                        f"experts {[a.shape for a in experts.values()]}")
     tree["experts"] = experts
     return tree
+
+  def _stacked(self, pattern: str, num_experts: int) -> np.ndarray:
+    """[E, in, out]: expert j's tensor `pattern.format(j)` ([out, in] on disk) transposed,
+    filled in place one expert at a time (memory: the result and one expert)."""
+    first = self.read(pattern.format(0))
+    stacked = np.empty((num_experts,) + first.T.shape, first.dtype)
+    stacked[0] = first.T
+    for j in range(1, num_experts):
+      tensor = self.read(pattern.format(j))
+      if tensor.shape != first.shape:
+        raise ValueError(f"{self.directory}: {pattern.format(j)} has shape {tensor.shape}, "
+                         f"expert 0 has {first.shape}")
+      stacked[j] = tensor.T
+    return stacked
 
   def _block_of(self, layer: int) -> str:
     for block in self.family.blocks:
@@ -248,7 +260,3 @@ def load(directory: str | os.PathLike, **config_overrides: Any
   params = flax.traverse_util.unflatten_dict(flat)
   return config, params
 
-
-def iter_layer_names(names: Mapping[str, Any] | list[str], layer: int) -> Iterator[str]:
-  prefix = f"model.layers.{layer}."
-  return (n for n in names if n.startswith(prefix))

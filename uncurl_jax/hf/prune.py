@@ -41,6 +41,8 @@ from typing import Any
 from absl import flags
 from absl import logging
 import flax
+import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 import tqdm
@@ -109,7 +111,7 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
   try:
-    layer_plans, summary = _write_shards(
+    layer_plans = _write_shards(
         ckpt, staging, names, targets, logits, plan, copy_shard_bytes, progress,
         dict(method=method, router=router, cluster=cluster, features=features, seed=seed,
              top_k=top_k))
@@ -135,8 +137,6 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  for line in summary:
-    logging.info("%s", line)
   return full_plan
 
 
@@ -243,11 +243,10 @@ class _ShardWriter:
 
 
 def _write_shards(ckpt, directory, names, targets, logits, plan, copy_shard_bytes, progress,
-                  options) -> tuple[dict[str, pruning.PrunePlan], list[str]]:
+                  options) -> dict[str, pruning.PrunePlan]:
   writer = _ShardWriter(directory)
   moe_names = {n for i in ckpt.moe_layers for n in ckpt.moe_tensor_names(i)}
   results: dict[str, pruning.PrunePlan] = {}
-  summary = []
   start = time.perf_counter()
   with tqdm.tqdm(total=len(names) + 1, unit="layer", desc="prune", disable=not progress,
                  file=sys.stderr) as bar:
@@ -266,7 +265,9 @@ def _write_shards(ckpt, directory, names, targets, logits, plan, copy_shard_byte
     del pending
     bar.update(1)
     for path, layer in sorted(names.items(), key=lambda item: item[1]):
-      tree = {f"layers_{layer}": {"mlp": ckpt.moe_layer(layer)}}
+      # On the default device as jax arrays: planning (alignment) and merging then run
+      # there without a second copy of the layer.
+      tree = jax.tree.map(jnp.asarray, {f"layers_{layer}": {"mlp": ckpt.moe_layer(layer)}})
       dtypes = {k: v.dtype for k, v in flax.traverse_util.flatten_dict(tree).items()}
       if plan is None:
         layer_plan = pruning.plan_pruning(
@@ -279,12 +280,11 @@ def _write_shards(ckpt, directory, names, targets, logits, plan, copy_shard_byte
       writer.write(_hf_tensors(ckpt, layer, pruned, dtypes))
       del pruned
       results[path] = layer_plan
-      summary.append(_layer_summary(path, layer_plan.layers[path]))
       bar.update(1)
       bar.set_postfix(layer=layer)
   writer.finish()
-  summary.append(f"pruned {len(names)} MoE layers in {time.perf_counter() - start:.1f}s")
-  return results, summary
+  logging.info("pruned %d MoE layers in %.1fs", len(names), time.perf_counter() - start)
+  return results
 
 
 def _hf_tensors(ckpt, layer: int, pruned: Mapping[str, Any], dtypes) -> dict[str, np.ndarray]:
@@ -302,16 +302,6 @@ def _hf_tensors(ckpt, layer: int, pruned: Mapping[str, Any], dtypes) -> dict[str
     for j in range(stacked.shape[0]):
       tensors[f"{prefix}.experts.{j}.{proj}.weight"] = np.ascontiguousarray(stacked[j].T)
   return tensors
-
-
-def _layer_summary(name: str, layer_plan: pruning.LayerPlan) -> str:
-  labels = np.asarray(layer_plan.labels)
-  groups = [np.flatnonzero(labels == c).tolist() for c in range(int(labels.max()) + 1)]
-  merged = [g for g in groups if len(g) > 1]
-  dropped = np.flatnonzero(labels < 0).tolist()
-  kept = [g[0] for g in groups if len(g) == 1]
-  return (f"{name}: {layer_plan.num_experts} -> {len(groups)} experts; kept {kept}; "
-          f"merged {merged}; dropped {dropped}")
 
 
 # ----------------------------------------------------------------------------------------
