@@ -150,11 +150,16 @@ def test_detect_layout_lists_moe_like_paths_when_nothing_fits():
   with pytest.raises(ValueError, match=r"block_sparse_moe/experts/w1 \(4, 8, 6\)") as error:
     model_lib.detect_layout(hf_style)
   assert "embed" not in str(error.value)
+  # Scanned MaxText blocks are a known layout (tests/pruning/test_maxtext.py); one whose
+  # weights disagree on the number of layers is not, and the message says why.
   scanned = maxtext_params()
   block = scanned["params"]["decoder"]["layers_0"]["MoeBlock_0"]
-  block.update({k: np.stack([block[k]] * 3, 1) for k in ("wi_0", "wi_1", "wo")})
+  block.update({k: np.stack([block[k]] * 3, 1) for k in ("wi_0", "wi_1")})
+  block["wo"] = np.stack([block["wo"]] * 2, 1)
   block["gate"]["kernel"] = np.stack([block["gate"]["kernel"]] * 3, 1)
-  with pytest.raises(ValueError, match="scanned layers"):
+  with pytest.raises(ValueError, match=r"scanned layers(.|\n)*MAXTEXT_SCANNED_LAYOUT: scanned "
+                     r"MoE block 'params/decoder/layers_0/MoeBlock_0': wo_kernel has shape "
+                     r"\(8, 2, 10, 6\), 2 layers on the scan axis 1"):
     model_lib.detect_layout(scanned)
 
 

@@ -33,6 +33,7 @@ from uncurl_jax.model.layout import DEFAULT_LAYOUT
 from uncurl_jax.model.layout import HF_MIXTRAL_LAYOUT
 from uncurl_jax.model.layout import HF_QWEN_MOE_LAYOUT
 from uncurl_jax.model.layout import MAXTEXT_LAYOUT
+from uncurl_jax.model.layout import MAXTEXT_SCANNED_LAYOUT
 from uncurl_jax.model.layout import T5X_GATED_LAYOUT
 from uncurl_jax.model.layout import T5X_LAYOUT
 from uncurl_jax.model.layout import MoeLayout
@@ -46,6 +47,7 @@ __all__ = [
     "HF_MIXTRAL_LAYOUT",
     "HF_QWEN_MOE_LAYOUT",
     "MAXTEXT_LAYOUT",
+    "MAXTEXT_SCANNED_LAYOUT",
     "ModelConfig",
     "MoeLayer",
     "MoeLayout",

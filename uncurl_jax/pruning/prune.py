@@ -22,6 +22,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -55,10 +56,13 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
       excluded} (`collect_router_logits`), or {MoE layer path: ExpertStats}
       (`collect_expert_stats`: the logits and what the experts compute, which "reap",
       "hc_smoe" and features="expert_outputs" need). May be None for methods that need
-      neither ("random", "router_norm").
+      neither ("random", "router_norm"). The layers of a scanned block P (a layout with
+      a `scan_axis`, e.g. `MAXTEXT_SCANNED_LAYOUT`) are 'P[0]', 'P[1]', ...: give one
+      [tokens, E] entry per layer, or one [L, tokens, E] array keyed by P.
     num_experts: Experts to keep: one int for every layer, a {layer: int} mapping, or
       None for the paper's default (`default_num_experts`). For "mc_smoe" only the total
-      over layers is used (its allocation varies per layer).
+      over layers is used (its allocation varies per layer). A scanned block keeps one
+      count in all its layers (a mapping may name the block P for all of them).
     method: A registered method (`methods.names()`): "uncurl" (cluster, align, merge:
       the paper), "frequency" (keep the most selected), "frequency_merge" (most selected
       anchor, others merge into the most similar), "mc_smoe" (global dominant experts,
@@ -94,7 +98,8 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
       real floating [tokens > 0, E] array per MoE layer; NaN or infinite MoE weights; a
       layout that does not match the params; a seed that is not an int in [0, 2**32); a
       router_init_std that is not a finite positive number; pretrained params missing
-      for router_norm or given to another method.
+      for router_norm or given to another method; uneven counts in a scanned block (or a
+      method that allocates them, "mc_smoe").
 
   Example:
     >>> plan = plan_pruning(params, logits, 8, method="uncurl", seed=0)
@@ -104,11 +109,15 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
   validate.scalars(seed=seed, router_init_std=router_init_std, num_workers=num_workers,
                    layout=layout, timings=timings)
   layers = layout_lib.find_moe_layers(checks.mapping("params", params), layout)
+  blocks = validate.scanned_blocks(layers, layout)
+  logits = validate.scanned_logits(logits, blocks)
   stats = validate.expert_stats(logits, layers)
   spec, router = validate.options(method, cluster, router, has_logits=logits is not None,
                                   has_stats=stats is not None, features_from=features,
                                   has_pretrained=pretrained_params is not None,
                                   has_selection=selection is not None)
+  validate.scanned_method(spec, blocks)
+  num_experts = validate.scanned_targets(num_experts, blocks)
   kept = validate.selection(selection, layers)
   if kept is not None:
     counts = {name: len(experts) for name, experts in kept.items()}
@@ -120,6 +129,7 @@ def plan_pruning(params: Mapping[str, Any], logits: Mapping[str, Any] | None,
   host_logits = validate.router_logits(logits, layers)
   pretrained_router = validate.pretrained_router(pretrained_params, layers, layout)
   targets = validate.targets(num_experts, layers)
+  validate.equal_scanned_counts(targets, blocks, "num_experts")
   top_k = validate.top_k(top_k, layers)
   timings = {} if timings is None else timings
   start = time.perf_counter()
@@ -177,6 +187,8 @@ def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
   Pure: the inputs are not modified; leaves outside the MoE layers are shared with the
   input, pruned leaves are new. numpy leaves give numpy results; jax leaves (sharded
   too) give jax results computed on their devices. A FrozenDict input gives a FrozenDict.
+  The layers of a scanned block are pruned one by one and stacked back on the scan axis
+  (a plan with uneven counts in a scanned block is refused).
 
   Example:
     >>> small = apply_plan(params, plan)
@@ -194,15 +206,43 @@ def apply_plan(params: Mapping[str, Any], plan: PrunePlan) -> Any:
       raise ValueError(f"plan for {name!r} expects E={layer_plan.num_experts}, params have "
                        f"{layers[name].num_experts}")
     layer_plan.permutations(layers[name].d_ff)  # checks the permutations' length
+  validate.equal_scanned_counts(plan.num_experts,
+                                validate.scanned_blocks(layers, plan.layout), "the plan")
   validate.finite_weights(layers)
   flat = dict(layout_lib.flatten_params(params))
+  stacks: dict[layout_lib.Path, Any] = {}
   for name, layer_plan in plan.layers.items():
-    prefix = layout_lib.split_path(name)
+    block, index = (layout_lib.split_scanned_name(name) if plan.layout.scan_axis is not None
+                    else (name, None))
+    prefix = layout_lib.split_path(block)
     for field_name, array in _pruned_layer(layers[name], layer_plan, plan, name).items():
       path = prefix + layout_lib.split_path(getattr(plan.layout, field_name))
-      flat[path] = _placed_like(array, flat[path])
+      if index is None:
+        flat[path] = _placed_like(array, flat[path])
+      else:
+        _stack_layer(stacks, path, index, array, flat[path].shape[plan.layout.scan_axis],
+                     plan.layout.scan_axis)
+  for path, stack in stacks.items():  # scanned blocks: the pruned layers, re-stacked
+    stacked = stack if isinstance(stack, np.ndarray) else jnp.stack(stack, plan.layout.scan_axis)
+    flat[path] = _placed_like(stacked, flat[path])
   pruned = flax.traverse_util.unflatten_dict(flat)
   return flax.core.freeze(pruned) if isinstance(params, flax.core.FrozenDict) else pruned
+
+
+def _stack_layer(stacks: dict[layout_lib.Path, Any], path: layout_lib.Path, index: int,
+                 array: Any, num_layers: int, axis: int) -> None:
+  """Puts a pruned layer of a scanned weight at `index` of its stack on `axis`: numpy
+  layers straight into one preallocated array (no second copy), jax layers in a list."""
+  if path not in stacks:
+    if isinstance(array, np.ndarray):
+      shape = array.shape[:axis] + (num_layers,) + array.shape[axis:]
+      stacks[path] = np.empty(shape, array.dtype)
+    else:
+      stacks[path] = [None] * num_layers
+  if isinstance(stacks[path], np.ndarray):
+    stacks[path][(slice(None),) * axis + (index,)] = np.asarray(array)
+  else:
+    stacks[path][index] = array
 
 
 def _placed_like(new: Any, old: Any) -> Any:

@@ -223,6 +223,93 @@ def targets(num_experts: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]
   return checked
 
 
+# ------------------------------------------------------------------------------------------
+# Scanned blocks (a layout with a scan axis): one array per weight for all of a block's layers.
+
+
+def scanned_blocks(layers: Mapping[str, Any], layout: layout_lib.MoeLayout
+                   ) -> dict[str, list[str]]:
+  """{scanned block path: its layers' keys 'P[0]', 'P[1]', ...}; empty without a scan axis."""
+  if layout.scan_axis is None:
+    return {}
+  blocks: dict[str, list[str]] = {}
+  for name in layers:
+    block, index = layout_lib.split_scanned_name(name)
+    if index is not None:
+      blocks.setdefault(block, []).append(name)
+  return blocks
+
+
+def scanned_logits(logits: Any, blocks: Mapping[str, list[str]]) -> Any:
+  """`logits` with each scanned block's one [L, tokens, E] array (keyed by the block's
+  path) split into its layers' [tokens, E] entries; other entries are left as they are."""
+  if not blocks or not isinstance(logits, Mapping) or not set(blocks) & set(logits):
+    return logits
+  out = {}
+  for key, value in logits.items():
+    if key not in blocks:
+      out[key] = value
+      continue
+    names = blocks[key]
+    both = [name for name in names if name in logits]
+    if both:
+      raise ValueError(f"logits has the scanned block {key!r} ([L, tokens, E]) and also its "
+                       f"layers {both}; give one or the other")
+    if isinstance(value, features.ExpertStats):
+      raise TypeError(f"logits[{key!r}]: a scanned block takes one [L={len(names)}, tokens, "
+                      f"E] array; give ExpertStats per layer ({names[0]!r}, ...)")
+    try:
+      array = np.asarray(value)
+    except ValueError as error:  # ragged nesting
+      raise ValueError(f"logits[{key!r}] must be an [L={len(names)}, tokens, E] array, got a "
+                       "ragged sequence") from error
+    if array.ndim != 3 or array.shape[0] != len(names):
+      raise ValueError(f"logits[{key!r}] of the scanned block must be [L={len(names)}, "
+                       f"tokens, E] (the router logits of its layers in order), got shape "
+                       f"{array.shape}")
+    out.update(zip(names, array))
+  return out
+
+
+def scanned_targets(num_experts: Any, blocks: Mapping[str, list[str]]) -> Any:
+  """`num_experts` with a scanned block's path standing for each of its layers."""
+  if not blocks or not isinstance(num_experts, Mapping) or not set(blocks) & set(num_experts):
+    return num_experts
+  out = {}
+  for key, value in num_experts.items():
+    if key not in blocks:
+      out[key] = value
+      continue
+    both = [name for name in blocks[key] if name in num_experts]
+    if both:
+      raise ValueError(f"num_experts has the scanned block {key!r} and also its layers "
+                       f"{both}; give one or the other")
+    out.update({name: value for name in blocks[key]})
+  return out
+
+
+def equal_scanned_counts(counts: Mapping[str, int], blocks: Mapping[str, list[str]],
+                         what: str) -> None:
+  """Raises ValueError unless every scanned block keeps one expert count in all its layers."""
+  for block, names in blocks.items():
+    kept = {name: counts[name] for name in names if name in counts}
+    if len(set(kept.values())) > 1:
+      raise ValueError(
+          f"{what} keeps uneven expert counts in the scanned block {block!r}: {kept}; its "
+          "layers are stacked in one array per weight, which holds one count for all of "
+          "them: give every layer of the block the same count")
+
+
+def scanned_method(spec: methods_lib.Method, blocks: Mapping[str, list[str]]) -> None:
+  """Refuses a method that allocates different counts per layer when a block is scanned."""
+  stacked = sorted(block for block, names in blocks.items() if len(names) > 1)
+  if spec.uneven_counts and stacked:
+    raise ValueError(
+        f"method {spec.name!r} keeps a different number of experts in each layer, which the "
+        f"scanned blocks {stacked} cannot hold (one array per weight for all their layers); "
+        "choose a method that keeps the count you give")
+
+
 def top_k(value: Any, layers: Mapping[str, layout_lib.MoeLayerWeights]) -> int:
   """The router choices counted per token, in [1, E] for every layer."""
   value, e = integer("top_k", value), min(w.num_experts for w in layers.values())
