@@ -22,15 +22,28 @@ Example:
   ...     num_experts=4, router_logits="/tmp/mt_example/router_logits.npz", router="merge")
 """
 
+import importlib
+
 from uncurl_jax.maxtext import checkpoints
-from uncurl_jax.maxtext import example
-from uncurl_jax.maxtext import prune
 from uncurl_jax.maxtext import reference
 from uncurl_jax.maxtext.checkpoints import load_params
 from uncurl_jax.maxtext.checkpoints import save_params
-from uncurl_jax.maxtext.example import make_example
-from uncurl_jax.maxtext.prune import prune_checkpoint
 from uncurl_jax.maxtext.reference import MoeDecoderConfig
+
+# The command modules (`python -m uncurl_jax.maxtext.prune`, `.example`) are imported on
+# first use, not here: runpy warns when `-m` runs a module the package already imported.
+_LAZY = {"prune": ("prune", None), "example": ("example", None),
+         "prune_checkpoint": ("prune", "prune_checkpoint"),
+         "make_example": ("example", "make_example")}
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'uncurl_jax.maxtext' has no attribute {name!r}")
+  module, attribute = _LAZY[name]
+  module = importlib.import_module(f"uncurl_jax.maxtext.{module}")
+  return module if attribute is None else getattr(module, attribute)
+
 
 __all__ = [
     "MoeDecoderConfig",
