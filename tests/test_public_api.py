@@ -12,7 +12,8 @@ import uncurl_jax
 CORE = ["ModelConfig", "PrunePlan", "SMoEDecoder", "apply_plan", "collect_expert_stats",
         "collect_router_logits", "configs", "model", "plan_pruning", "prune_params",
         "pruned_config", "pruning", "with_expert_counts"]
-PACKAGES = ["uncurl_jax", "uncurl_jax.model", "uncurl_jax.pruning", "uncurl_jax.maxtext"]
+PACKAGES = ["uncurl_jax", "uncurl_jax.model", "uncurl_jax.pruning", "uncurl_jax.maxtext",
+            "uncurl_jax.hf"]
 
 
 def test_the_top_level_is_the_small_core():

@@ -41,8 +41,6 @@ from typing import Any
 from absl import flags
 from absl import logging
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 import tqdm
@@ -174,8 +172,8 @@ def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
       shape = np.shape(array)
       if len(shape) != 2 or shape[1] != num or shape[0] < 1:
         raise ValueError(f"router logits of {name} must be [tokens >= 1, {num}], got {shape}")
-    if methods_lib.get(method).name == "mc_smoe":
-      raise ValueError("method 'mc_smoe' allocates experts over all layers at once; the "
+    if methods_lib.get(method).uneven_counts:
+      raise ValueError(f"method {method!r} allocates experts over all layers at once; the "
                        "layer-by-layer pruner does not run it")
     if num_experts is None:
       num_experts = pruning.default_num_experts(num)
@@ -265,9 +263,7 @@ def _write_shards(ckpt, directory, names, targets, logits, plan, copy_shard_byte
     del pending
     bar.update(1)
     for path, layer in sorted(names.items(), key=lambda item: item[1]):
-      # On the default device as jax arrays: planning (alignment) and merging then run
-      # there without a second copy of the layer.
-      tree = jax.tree.map(jnp.asarray, {f"layers_{layer}": {"mlp": ckpt.moe_layer(layer)}})
+      tree = {f"layers_{layer}": {"mlp": ckpt.moe_layer(layer)}}  # numpy, in host memory
       dtypes = {k: v.dtype for k, v in flax.traverse_util.flatten_dict(tree).items()}
       if plan is None:
         layer_plan = pruning.plan_pruning(

@@ -110,7 +110,11 @@ def matching_cost(weights: layout_lib.MoeLayerWeights, reference: int,
     >>> cost, _, _ = matching_cost(layers["layers_0/mlp"], 0, 1)
   """
   inputs = (weights.wi_kernel, weights.wi_bias, weights.gate_kernel, weights.gate_bias)
-  cost, norm_r, norm_m = _stacked_matching_cost(inputs, weights.wo_kernel, reference, member)
+  wo = weights.wo_kernel
+  if isinstance(wo, np.ndarray):  # host arrays: only the two experts go to the device
+    pick = lambda x: None if x is None else x[[reference, member]]
+    inputs, wo, reference, member = tuple(pick(x) for x in inputs), pick(wo), 0, 1
+  cost, norm_r, norm_m = _stacked_matching_cost(inputs, wo, reference, member)
   return np.asarray(cost), float(norm_r), float(norm_m)
 
 
@@ -174,14 +178,20 @@ def align_experts(layers: Mapping[str, layout_lib.MoeLayerWeights],
   for task in tasks:
     if task.layer not in layers:
       raise ValueError(f"alignment task names unknown layer {task.layer!r}")
-  # One device copy of each layer's stacks: numpy inputs are transferred once, not per task.
-  device_layers = {name: _on_device(layers[name]) for name in {t.layer for t in tasks}}
+  # On an accelerator, one device copy of each layer's stacks: numpy inputs are transferred
+  # once, not per task. On CPU, numpy stays where it is (each task reads its two experts),
+  # so memory holds the layer once.
+  on_cpu = jax.default_backend() == "cpu"
+  device_layers = {name: layers[name] if on_cpu else _on_device(layers[name])
+                   for name in {t.layer for t in tasks}}
   timings = {} if timings is None else timings
   if num_workers == 0:
     return _align_sequentially(device_layers, tasks, timings)
   if overlap is None:
-    overlap = not all(device.platform == "cpu" for weights in device_layers.values()
-                      for device in weights.wi_kernel.devices())
+    overlap = not all(
+        device.platform == "cpu" for weights in device_layers.values()
+        for device in (weights.wi_kernel.devices() if isinstance(weights.wi_kernel, jax.Array)
+                       else jax.devices("cpu")))
   return _align_in_pool(device_layers, tasks, num_workers, overlap, timings)
 
 
