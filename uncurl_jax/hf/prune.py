@@ -68,6 +68,7 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
                      method: str = methods_lib.DEFAULT_METHOD, router: str | None = None,
                      cluster: str = "spectral", features: str = "router_logits",
                      seed: int = 0, top_k: int = 1, allow_uneven: bool = False,
+                     num_workers: int = 0,
                      copy_shard_bytes: int = 512 << 20, progress: bool = True,
                      ) -> pruning.PrunePlan:
   """Prunes the checkpoint in `source` into `output`, one MoE layer at a time.
@@ -85,6 +86,10 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     allow_uneven: Write layers with different expert counts, which stock transformers
       and vLLM cannot load (the config then holds the largest count and
       `num_experts_per_layer`).
+    num_workers: Assignment-solver threads of the aligning methods (`plan_pruning`).
+      Each holds up to 4 cost matrices of d_ff^2 floats, so the default, 0 (one
+      alignment at a time), keeps memory to about one layer; more is faster on many
+      cores.
     copy_shard_bytes: Largest shard of copied (non-MoE) tensors.
     progress: Show a progress bar over the layers.
 
@@ -104,6 +109,7 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
   names = {layer_name(i): i for i in ckpt.moe_layers}
   targets = _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven)
   copy_shard_bytes = checks.integer("copy_shard_bytes", copy_shard_bytes, low=1)
+  num_workers = checks.integer("num_workers", num_workers, low=0)
 
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -112,7 +118,7 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     layer_plans = _write_shards(
         ckpt, staging, names, targets, logits, plan, copy_shard_bytes, progress,
         dict(method=method, router=router, cluster=cluster, features=features, seed=seed,
-             top_k=top_k))
+             top_k=top_k, num_workers=num_workers))
     first = next(iter(layer_plans.values()))
     full_plan = dataclasses.replace(first, layers={n: p.layers[n]
                                                    for n, p in layer_plans.items()})
@@ -330,6 +336,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "Compute dtype of the logits pass.")
   flags.DEFINE_boolean("allow_uneven", False, "Allow different counts per layer.")
+  flags.DEFINE_integer("num_workers", 0, "Alignment solver threads (0: one alignment at a "
+                       "time, the least memory; more: faster on many cores).")
   flags.DEFINE_boolean("verbose", False, "Show INFO logs (else warnings and errors only).")
   flags.DEFINE_boolean("debug", False, "Show the traceback of an error (else one message).")
 
@@ -402,7 +410,7 @@ def main(argv: Sequence[str]) -> pruning.PrunePlan:
     result = prune_checkpoint(ckpt.directory, FLAGS.output, logits, FLAGS.num_experts, plan=plan,
                               method=FLAGS.method, router=FLAGS.router,
                               cluster=FLAGS.cluster, seed=FLAGS.seed,
-                              allow_uneven=FLAGS.allow_uneven)
+                              allow_uneven=FLAGS.allow_uneven, num_workers=FLAGS.num_workers)
   except USER_ERRORS as error:
     if FLAGS.debug:
       raise

@@ -74,6 +74,14 @@ def float_matrix(name: str, value: Any, *, columns: int | None = None) -> np.nda
   return array.astype(np.float32, copy=False)
 
 
+def _all_finite(array: Any) -> bool:
+  if isinstance(array, np.ndarray) and array.ndim > 1:
+    # Host arrays one expert at a time: no device copy of a layer (whose isfinite would
+    # take as much again), for checkpoints pruned layer by layer.
+    return all(bool(jnp.all(jnp.isfinite(jnp.asarray(expert)))) for expert in array)
+  return bool(jax.device_get(jnp.all(jnp.isfinite(jnp.asarray(array)))))
+
+
 def finite_weights(layers: Mapping[str, layout_lib.MoeLayerWeights], what: str = "params"
                    ) -> None:
   """Raises ValueError naming the first MoE weight with NaN or infinite entries."""
@@ -82,7 +90,7 @@ def finite_weights(layers: Mapping[str, layout_lib.MoeLayerWeights], what: str =
       array = getattr(weights, field.name)
       if array is None:
         continue
-      if not bool(jax.device_get(jnp.all(jnp.isfinite(jnp.asarray(array))))):
+      if not _all_finite(array):
         raise ValueError(f"{what}: {field.name} of MoE layer {name!r} has NaN or infinite "
                          "values")
 
