@@ -79,8 +79,10 @@ def make_checkpoint(directory: str, *, layers: int, experts: int, hidden: int, w
 
 
 def child_peak(command: list[str]) -> tuple[float, float, str]:
-  """(seconds, peak RSS GiB, output) of a child process, alone in its own grandchild
-  accounting (run through a wrapper process so RUSAGE_CHILDREN holds only it)."""
+  """(seconds, peak RSS GiB, output) of a child process, started by a small wrapper
+  process: a child's ru_maxrss starts from its parent's resident size at fork (Linux keeps
+  the larger of the two across exec), so this process, which held a layer while writing
+  the checkpoint, must not be the parent. The wrapper's RUSAGE_CHILDREN is the command's."""
   wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
              "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
              "sys.exit(r.returncode)")
