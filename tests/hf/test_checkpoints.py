@@ -258,8 +258,13 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, monkeypatch):
   (tmp_path / "full" / "x").write_text("x")
   _refused(tmp_path, "exists and is not an empty directory", output=str(tmp_path / "full"))
   deepseek = ckpts.fixture("deepseek_v3")
-  _refused(tmp_path, "must be divisible by n_group=2", source=deepseek, num_experts=3,
+  _refused(tmp_path, r"kept count \[3\] must be a multiple of n_group=2", source=deepseek,
+           num_experts=3, logits=ckpts.task_logits(deepseek))
+  _refused(tmp_path, "at least 2 experts per group", source=deepseek, num_experts=2,
            logits=ckpts.task_logits(deepseek))
+  greedy = ckpts.fixture("deepseek_v2")  # topk_method greedy: no groups to respect
+  assert json.load(open(os.path.join(greedy, "config.json")))["topk_method"] == "greedy"
+  hf_prune._check_groups(checkpoint_lib.Checkpoint(greedy), {"layers_1/mlp": 3})
 
 
 def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch):

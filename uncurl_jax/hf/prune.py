@@ -196,14 +196,25 @@ def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
     raise ValueError(f"uneven expert counts per layer {sorted(set(counts.values()))}: stock "
                      "transformers and vLLM load one count for every layer; pass "
                      "allow_uneven=True (--allow_uneven) to write them anyway")
-  groups = ckpt.config.get("n_group")
-  if ckpt.family.model_type.startswith("deepseek") and groups:
-    bad = sorted({c for c in counts.values() if c % int(groups)})
-    if bad:
-      raise ValueError(f"{ckpt.family.model_type}: the kept count {bad} must be divisible by "
-                       f"n_group={groups} (group-limited routing splits the experts in "
-                       "n_group equal groups)")
+  _check_groups(ckpt, counts)
   return counts if plan is None else None
+
+
+def _check_groups(ckpt, counts: Mapping[str, int]) -> None:
+  """DeepSeek's group-limited routing splits the experts in n_group equal groups (V3
+  always, scoring a group by its top-2 experts; V2 with topk_method group_limited_greedy)."""
+  config, model_type = ckpt.config, ckpt.family.model_type
+  grouped = (model_type == "deepseek_v3" or (
+      model_type == "deepseek_v2" and config.get("topk_method") == "group_limited_greedy"))
+  groups = int(config.get("n_group") or 1)
+  if not grouped or groups <= 1:
+    return
+  smallest = 2 if model_type == "deepseek_v3" else 1
+  bad = sorted({c for c in counts.values() if c % groups or c // groups < smallest})
+  if bad:
+    raise ValueError(f"{model_type}: the kept count {bad} must be a multiple of n_group="
+                     f"{groups} with at least {smallest} experts per group (group-limited "
+                     "routing splits the experts in n_group equal groups)")
 
 
 def _same_layers(what: str, given: set[str], names: Mapping[str, int]) -> None:
