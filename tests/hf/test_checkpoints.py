@@ -372,3 +372,13 @@ def test_the_docs_python_example_runs(capsys, monkeypatch):
   printed = capsys.readouterr().out
   assert "'layers_1/mlp': (64, 8)" in printed
   assert "{'layers_1/mlp': 4, 'layers_2/mlp': 4}" in printed
+
+
+def test_seqio_task_text_is_decoded_by_the_tasks_vocabulary():
+  """--task: a registered seqio task's examples as text (inputs and targets decoded)."""
+  texts = list(task_tokens.seqio_texts("synthetic_city_country", split="validation",
+                                       max_examples=3))
+  assert len(texts) == 3
+  assert all(t.startswith("In which country is the city ") and "Answer:" in t for t in texts)
+  with pytest.raises(ValueError, match="unknown seqio task or mixture 'no_such_task'"):
+    list(task_tokens.seqio_texts("no_such_task"))

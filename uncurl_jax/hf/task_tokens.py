@@ -93,6 +93,8 @@ def seqio_texts(name: str, *, split: str = "validation", max_examples: int | Non
     ValueError: An unknown task (after importing `uncurl_jax.tasks`, which registers the
       project's).
   """
+  if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "1") == "1":  # TensorFlow's C++ start-up lines
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
   import seqio  # pylint: disable=import-outside-toplevel
   import uncurl_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import
   try:

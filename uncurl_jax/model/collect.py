@@ -71,11 +71,9 @@ def check_model_params(model: Any, params: Any, batch_shape: tuple[int, int]) ->
   (`forward.check_params` on the batches' shape)."""
   if not isinstance(params, Mapping):
     raise TypeError(f"params must be a mapping of arrays, got {type(params).__name__}")
-  try:
-    layout_lib.detect_layout(params)
-  except ValueError:
+  if not layout_lib.has_moe_layers(params):
     raise ValueError("params have no MoE layer (no router kernel); router logits come from "
-                     "the MoE layers of an SMoE model") from None
+                     "the MoE layers of an SMoE model")
   forward_lib.check_params(model, params, "the params", batch_shape=tuple(batch_shape))
 
 

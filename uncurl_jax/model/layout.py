@@ -424,6 +424,17 @@ def _check_shapes(name: str, w: MoeLayerWeights) -> None:
                        f"d_ff={f}")
 
 
+def has_moe_layers(params: Mapping[str, Any]) -> bool:
+  """Whether any known layout finds an MoE layer (a router kernel) in `params`, from shapes
+  only (a bound router, with more columns than experts, counts too).
+
+  Example:
+    >>> has_moe_layers(dense_params), has_moe_layers(hf_mixtral_params)
+    (False, True)
+  """
+  return any(expert_counts(params, layout) for layout in _KNOWN_LAYOUTS.values())
+
+
 def detect_layout(params: Mapping[str, Any]) -> MoeLayout:
   """The known layout (`DEFAULT_LAYOUT`, `T5X_LAYOUT`, `T5X_GATED_LAYOUT`, `MAXTEXT_LAYOUT`,
   `HF_MIXTRAL_LAYOUT`, `HF_QWEN_MOE_LAYOUT`, `MAXTEXT_SCANNED_LAYOUT` with scan axis 1 or 0)
