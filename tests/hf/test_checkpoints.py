@@ -345,11 +345,8 @@ def test_command_prunes_from_task_text(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--model=/nonexistent", "--output=o", "--logits=x.npz"], "is not a directory"),
-    (["--model={mixtral}", "--output=o", "--num_experts=9", "--logits=x.npz"],
+    (["--model={mixtral}", "--output=o", "--num_experts=9", "--task_text=t.txt"],
      r"outside \[top-k 2, E 8\]"),
-    (["--model={mixtral}", "--output=o"], "give exactly one of --task_text"),
-    (["--model={deepseek}", "--output=o", "--task_text=t.txt", "--num_experts=4"],
-     "no JAX forward here"),
 ])
 def test_command_bad_input_exits_2_with_one_message(tmp_path, args, message):
   (tmp_path / "t.txt").write_text("the city\n")
@@ -382,3 +379,14 @@ def test_seqio_task_text_is_decoded_by_the_tasks_vocabulary():
   assert all(t.startswith("In which country is the city ") and "Answer:" in t for t in texts)
   with pytest.raises(ValueError, match="unknown seqio task or mixture 'no_such_task'"):
     list(task_tokens.seqio_texts("no_such_task"))
+
+
+def test_router_logits_need_a_forward_and_a_matching_tokenizer(tmp_path):
+  with pytest.raises(ValueError, match="no JAX forward here"):
+    hf_prune.router_logits_for(ckpts.fixture("deepseek_v3"), ["the city"], max_tokens=8,
+                               batch_size=1, max_length=8)
+  small = ckpts.copy_checkpoint(ckpts.fixture("olmoe"), str(tmp_path / "small"),
+                                config_updates={"vocab_size": 40})
+  with pytest.raises(ValueError, match="the tokenizer does not match"):
+    hf_prune.router_logits_for(small, ["the city"], max_tokens=8, batch_size=1,
+                               max_length=8)
