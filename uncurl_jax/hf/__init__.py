@@ -18,7 +18,16 @@ from uncurl_jax.hf.config import HfMoeConfig
 from uncurl_jax.hf.families import FAMILIES
 from uncurl_jax.hf.families import Family
 from uncurl_jax.hf.modeling import HfMoeDecoder
-from uncurl_jax.hf.prune import prune_checkpoint
+
+
+def __getattr__(name):
+  # The command's module is imported on first use, so that `python -m uncurl_jax.hf.prune`
+  # runs it fresh (runpy warns when the package has imported it already).
+  if name == "prune_checkpoint":
+    from uncurl_jax.hf import prune  # pylint: disable=import-outside-toplevel
+    return prune.prune_checkpoint
+  raise AttributeError(f"module 'uncurl_jax.hf' has no attribute {name!r}")
+
 
 __all__ = [
     "FAMILIES",
