@@ -139,6 +139,9 @@ def test_pruning_to_every_expert_is_the_identity(family, tmp_path):
        open(os.path.join(source, "config.json")) as g:
     assert json.load(f) == json.load(g)
   assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask    # not mkdtemp's 0700
   assert pruning.PrunePlan.from_json(open(os.path.join(out, hf_prune.PLAN_FILE)).read()) == plan
 
 
@@ -252,7 +255,21 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, monkeypatch):
   _refused(tmp_path, r"must be \[tokens >= 1, 8\]", logits={
       **logits, "layers_1/mlp": logits["layers_1/mlp"][:, :4]})
   _refused(tmp_path, "allocates experts over all layers", method="mc_smoe")
+  _refused(tmp_path, "router 'bind' keeps all E router rows", router="bind")
+  _refused(tmp_path, "needs expert statistics", method="reap")
+  _refused(tmp_path, "router", router="bogus")
+  _refused(tmp_path, "cluster", method="uncurl", cluster="bogus")
+  quantized = ckpts.copy_checkpoint(mixtral, str(tmp_path / "fp8"), config_updates={
+      "quantization_config": {"quant_method": "fp8"}})
+  _refused(tmp_path, "quantized checkpoints", source=quantized)
+  extra = ckpts.tensors(mixtral)
+  extra["model.layers.1.block_sparse_moe.experts.0.w1.weight_scale_inv"] = np.ones(
+      (1,), np.float32)
+  odd_tensor = ckpts.copy_checkpoint(mixtral, str(tmp_path / "extra"), tensors_out=extra)
+  _refused(tmp_path, r"MoE layer 1 has tensors this pruner does not know how to prune",
+           source=odd_tensor)
   _refused(tmp_path, "either router logits .* or a plan", logits=None)
+
   _refused(tmp_path, "is the source checkpoint", output=mixtral)
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "x").write_text("x")
@@ -265,6 +282,21 @@ def test_bad_requests_are_refused_before_any_work(tmp_path, monkeypatch):
   greedy = ckpts.fixture("deepseek_v2")  # topk_method greedy: no groups to respect
   assert json.load(open(os.path.join(greedy, "config.json")))["topk_method"] == "greedy"
   hf_prune._check_groups(checkpoint_lib.Checkpoint(greedy), {"layers_1/mlp": 3})
+
+
+def test_a_plan_for_another_expert_width_is_refused_before_any_work(tmp_path, monkeypatch):
+  mixtral = ckpts.fixture("mixtral")
+  plan = pruning.plan_pruning(checkpoint_lib.load(mixtral)[1], ckpts.task_logits(mixtral), 4,
+                              method="uncurl", router="merge",
+                              layout=model_lib.HF_MIXTRAL_LAYOUT)
+  narrow = ckpts.copy_checkpoint(mixtral, str(tmp_path / "narrow"), tensors_out={
+      name: (value[:12] if name.endswith(("w1.weight", "w3.weight")) else
+             value[:, :12] if name.endswith("w2.weight") else value)
+      for name, value in ckpts.tensors(mixtral).items()},
+      config_updates={"intermediate_size": 12})
+  monkeypatch.setattr(pruning, "apply_plan", lambda *a, **k: pytest.fail("work started"))
+  _refused(tmp_path, "permutes 24 hidden units, the layer has d_ff=12", source=narrow,
+           logits=None, plan=plan)
 
 
 def test_a_failure_midway_leaves_nothing(tmp_path, monkeypatch):

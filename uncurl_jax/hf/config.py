@@ -171,7 +171,9 @@ def _fields(config: Mapping[str, Any], family: families.Family) -> dict[str, Any
       renormalize_gates=(True if model_type == "mixtral"
                          else bool(config.get("norm_topk_prob", False))),
       moe_layers=family.moe_layers(config),
-      rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+      # transformers' defaults where config.json has no value.
+      rms_norm_eps=float(config.get("rms_norm_eps",
+                                    1e-5 if model_type in ("mixtral", "olmoe") else 1e-6)),
       rope_theta=_rope_theta(config),
       tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
       max_length=int(config.get("max_position_embeddings", 4096)),

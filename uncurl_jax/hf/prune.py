@@ -50,6 +50,7 @@ from uncurl_jax import pruning
 from uncurl_jax.hf import checkpoint as checkpoint_lib
 from uncurl_jax.hf import families
 from uncurl_jax.pruning import methods as methods_lib
+from uncurl_jax.pruning import validate
 from uncurl_jax.pruning.features import ExpertStats
 
 PLAN_FILE = "uncurl_plan.json"
@@ -107,7 +108,8 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
   output = os.path.abspath(os.fspath(output))
   _check_output(output, ckpt.directory)
   names = {layer_name(i): i for i in ckpt.moe_layers}
-  targets = _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven)
+  targets = _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven,
+                           router=router, cluster=cluster, features=features)
   copy_shard_bytes = checks.integer("copy_shard_bytes", copy_shard_bytes, low=1)
   num_workers = checks.integer("num_workers", num_workers, low=0)
 
@@ -135,6 +137,9 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
       if (os.path.isfile(path) and not entry.endswith(".safetensors")
           and entry not in _OWN_FILES and entry != PLAN_FILE):
         shutil.copy2(path, os.path.join(staging, entry))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from others
     if os.path.isdir(output):
       os.rmdir(output)  # empty, checked above
     os.rename(staging, output)
@@ -151,9 +156,11 @@ def _check_output(output: str, source: str) -> None:
     raise ValueError(f"the output {output!r} exists and is not an empty directory")
 
 
-def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
+def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven, *,
+                   router=None, cluster="spectral", features="router_logits"
                    ) -> dict[str, int] | None:
   """Checks everything about the request that can be checked before the work."""
+  _check_prunable(ckpt)
   if (logits is None) == (plan is None):
     raise ValueError("give either router logits (or expert statistics) or a plan, not "
                      f"{'both' if plan is not None else 'neither'}")
@@ -167,6 +174,10 @@ def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
       if layer_plan.num_experts != num:
         raise ValueError(f"the plan of {name} is for {layer_plan.num_experts} experts; the "
                          f"checkpoint has {num}")
+    width = _expert_width(ckpt)
+    for layer_plan in plan.layers.values():
+      layer_plan.permutations(width)  # raises on a plan made for another expert width
+    router = plan.router
     counts = plan.num_experts
   else:
     if not isinstance(logits, Mapping):
@@ -178,6 +189,10 @@ def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
       shape = np.shape(array)
       if len(shape) != 2 or shape[1] != num or shape[0] < 1:
         raise ValueError(f"router logits of {name} must be [tokens >= 1, {num}], got {shape}")
+    has_stats = all(isinstance(v, ExpertStats) for v in logits.values())
+    _, router = validate.options(method, cluster, router, has_logits=True,
+                                 has_stats=has_stats, has_pretrained=False,
+                                 features_from=features)
     if methods_lib.get(method).uneven_counts:
       raise ValueError(f"method {method!r} allocates experts over all layers at once; the "
                        "layer-by-layer pruner does not run it")
@@ -192,12 +207,47 @@ def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven
     if not top_k <= count <= num:
       raise ValueError(f"{name}: {count} experts is outside [top-k {top_k}, E {num}]: a "
                        f"layer keeps at least num_experts_per_tok experts and at most E")
+  if router == "bind":
+    raise ValueError("router 'bind' keeps all E router rows bound to fewer experts, which a "
+                     "Hugging Face config cannot express; use anchor, merge or reinit")
   if len(set(counts.values())) > 1 and not allow_uneven:
     raise ValueError(f"uneven expert counts per layer {sorted(set(counts.values()))}: stock "
                      "transformers and vLLM load one count for every layer; pass "
                      "allow_uneven=True (--allow_uneven) to write them anyway")
   _check_groups(ckpt, counts)
   return counts if plan is None else None
+
+
+def _expert_width(ckpt) -> int:
+  """The hidden width of the routed experts (from a down projection's shape)."""
+  prefix = ckpt.block_prefix(ckpt.moe_layers[0])
+  down = ckpt.family.experts[2]
+  name = f"{prefix}.experts.0.{down}.weight"
+  if name in ckpt.files:
+    return ckpt.shape(name)[1]                                   # [H, I]
+  return ckpt.shape(f"{prefix}.experts.down_proj")[2]            # fused [E, H, I]
+
+
+def _check_prunable(ckpt) -> None:
+  """Refuses checkpoints this pruner would write wrongly: quantized weights, and tensors
+  under an MoE block that it does not know how to prune (they would be dropped)."""
+  if ckpt.config.get("quantization_config"):
+    raise ValueError(f"{ckpt.directory}: quantized checkpoints (quantization_config) are not "
+                     "supported; prune the unquantized weights")
+  family, num = ckpt.family, ckpt.num_experts
+  for layer in ckpt.moe_layers:
+    prefix = ckpt.block_prefix(layer)
+    known = {f"{prefix}.gate.weight", f"{prefix}.experts.gate_up_proj",
+             f"{prefix}.experts.down_proj"}
+    if family.router_bias is not None:
+      known.add(f"{prefix}.gate.{family.router_bias}")
+    known.update(f"{prefix}.experts.{j}.{proj}.weight" for j in range(num)
+                 for proj in family.experts)
+    unknown = sorted(set(ckpt.moe_tensor_names(layer)) - known)
+    if unknown:
+      raise ValueError(f"{ckpt.directory}: MoE layer {layer} has tensors this pruner does not "
+                       f"know how to prune (they would be lost): {unknown[:4]}"
+                       f"{' ...' if len(unknown) > 4 else ''}")
 
 
 def _check_groups(ckpt, counts: Mapping[str, int]) -> None:
@@ -210,11 +260,16 @@ def _check_groups(ckpt, counts: Mapping[str, int]) -> None:
   if not grouped or groups <= 1:
     return
   smallest = 2 if model_type == "deepseek_v3" else 1
-  bad = sorted({c for c in counts.values() if c % groups or c // groups < smallest})
+  chosen_groups = int(config.get("topk_group") or groups)
+  top_k = int(config.get("num_experts_per_tok", 1))
+  bad = sorted({c for c in counts.values() if c % groups or c // groups < smallest
+                or c // groups * chosen_groups < top_k})
   if bad:
     raise ValueError(f"{model_type}: the kept count {bad} must be a multiple of n_group="
-                     f"{groups} with at least {smallest} experts per group (group-limited "
-                     "routing splits the experts in n_group equal groups)")
+                     f"{groups} with at least {smallest} experts per group and at least "
+                     f"num_experts_per_tok={top_k} experts in the topk_group={chosen_groups} "
+                     "groups a token chooses (group-limited routing splits the experts in "
+                     "n_group equal groups)")
 
 
 def _same_layers(what: str, given: set[str], names: Mapping[str, int]) -> None:
