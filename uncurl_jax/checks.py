@@ -72,6 +72,17 @@ def output_dir(path: object, what: str) -> str:
   return os.fspath(path)
 
 
+def new_dir(path: object, what: str) -> str:
+  """The absolute path of `path` if it names nothing yet or an empty directory (an output
+  written all at once, `staging.staged_directory`)."""
+  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+    raise TypeError(f"{what} must be a path, got {path!r}")
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise ValueError(f"{what} {path!r} exists and is not an empty directory")
+  return path
+
+
 def existing_dir(path: object, what: str) -> str:
   """`path` if it is an existing directory (a run's MODEL_DIR or a checkpoint root)."""
   if not isinstance(path, (str, os.PathLike)) or not os.path.isdir(path):

@@ -33,7 +33,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,6 +46,7 @@ import tqdm
 
 from uncurl_jax import checks
 from uncurl_jax import pruning
+from uncurl_jax import staging
 from uncurl_jax.hf import checkpoint as checkpoint_lib
 from uncurl_jax.hf import families
 from uncurl_jax.pruning import methods as methods_lib
@@ -113,12 +113,10 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
   copy_shard_bytes = checks.integer("copy_shard_bytes", copy_shard_bytes, low=1)
   num_workers = checks.integer("num_workers", num_workers, low=0)
 
-  parent = os.path.dirname(output)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.partial-", dir=parent)
-  try:
+  with staging.staged_directory(output) as staged:
+    os.makedirs(staged)
     layer_plans = _write_shards(
-        ckpt, staging, names, targets, logits, plan, copy_shard_bytes, progress,
+        ckpt, staged, names, targets, logits, plan, copy_shard_bytes, progress,
         dict(method=method, router=router, cluster=cluster, features=features, seed=seed,
              top_k=top_k, num_workers=num_workers))
     first = next(iter(layer_plans.values()))
@@ -128,32 +126,22 @@ def prune_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     config = ckpt.family.with_num_experts(ckpt.config, max(counts.values()))
     if len(set(counts.values())) > 1:
       config["num_experts_per_layer"] = {str(names[n]): c for n, c in counts.items()}
-    with open(os.path.join(staging, "config.json"), "w") as f:
+    with open(os.path.join(staged, "config.json"), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    with open(os.path.join(staging, PLAN_FILE), "w") as f:
+    with open(os.path.join(staged, PLAN_FILE), "w") as f:
       f.write(full_plan.to_json())
     for entry in sorted(os.listdir(ckpt.directory)):
       path = os.path.join(ckpt.directory, entry)
       if (os.path.isfile(path) and not entry.endswith(".safetensors")
           and entry not in _OWN_FILES and entry != PLAN_FILE):
-        shutil.copy2(path, os.path.join(staging, entry))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would hide the model from others
-    if os.path.isdir(output):
-      os.rmdir(output)  # empty, checked above
-    os.rename(staging, output)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
+        shutil.copy2(path, os.path.join(staged, entry))
   return full_plan
 
 
 def _check_output(output: str, source: str) -> None:
   if os.path.abspath(source) == output:
     raise ValueError(f"the output {output!r} is the source checkpoint")
-  if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
-    raise ValueError(f"the output {output!r} exists and is not an empty directory")
+  checks.new_dir(output, "the output")
 
 
 def _check_request(ckpt, names, logits, num_experts, plan, method, allow_uneven, *,

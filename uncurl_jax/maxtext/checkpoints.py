@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from uncurl_jax import staging
 
 ITEM = "items"  # MaxText's item name
 _METADATA = "_METADATA"  # written by orbax's PyTree handler into every item directory
@@ -110,19 +110,13 @@ def save_params(directory: str, params: Any, *, step: int = 0) -> str:
   directory = os.path.abspath(os.path.expanduser(os.fspath(directory)))
   if os.path.exists(directory):
     raise ValueError(f"{directory!r} exists; give a new directory for the checkpoint")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
+  with staging.staged_directory(directory) as staged:
     manager = ocp.CheckpointManager(
-        os.path.join(temporary, "checkpoint"), item_names=(ITEM,),
+        staged, item_names=(ITEM,),
         item_handlers={ITEM: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True)},
         options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
     state = {"step": int(step), "params": {"params": params}, "opt_state": {}}
     manager.save(int(step), args=ocp.args.Composite(**{ITEM: ocp.args.PyTreeSave(item=state)}))
     manager.wait_until_finished()
     manager.close()
-    os.rename(os.path.join(temporary, "checkpoint"), directory)
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
   return os.path.join(directory, str(int(step)), ITEM)

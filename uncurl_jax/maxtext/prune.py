@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,6 +38,7 @@ import numpy as np
 
 from uncurl_jax import model as model_lib
 from uncurl_jax import pruning
+from uncurl_jax import staging
 from uncurl_jax.maxtext import checkpoints
 from uncurl_jax.model import layout as layout_lib
 
@@ -121,17 +120,10 @@ def prune_checkpoint(checkpoint_path: str, output_dir: str, *,
   _check_plan_for_maxtext(plan)
   small = pruning.apply_plan(params, plan)
   del params
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-  try:
-    staged = os.path.join(temporary, "out")
+  with staging.staged_directory(output_dir) as staged:
     checkpoints.save_params(staged, small, step=step)
     with open(os.path.join(staged, "prune_plan.json"), "w") as f:
       f.write(plan.to_json())
-    os.rename(staged, output_dir)
-  finally:
-    shutil.rmtree(temporary, ignore_errors=True)
   return os.path.join(output_dir, str(step), checkpoints.ITEM), plan
 
 

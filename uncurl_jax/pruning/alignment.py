@@ -188,10 +188,9 @@ def align_experts(layers: Mapping[str, layout_lib.MoeLayerWeights],
   if num_workers == 0:
     return _align_sequentially(device_layers, tasks, timings)
   if overlap is None:
-    overlap = not all(
-        device.platform == "cpu" for weights in device_layers.values()
-        for device in (weights.wi_kernel.devices() if isinstance(weights.wi_kernel, jax.Array)
-                       else jax.devices("cpu")))
+    overlap = not on_cpu and not all(device.platform == "cpu"
+                                     for weights in device_layers.values()
+                                     for device in weights.wi_kernel.devices())
   return _align_in_pool(device_layers, tasks, num_workers, overlap, timings)
 
 

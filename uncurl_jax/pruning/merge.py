@@ -90,10 +90,10 @@ def merge_experts(stacked: Any, merge: np.ndarray, permutations: np.ndarray | No
   selected = _selection(merge)
   if selected is not None and not permute:
     return xp.take(stacked, xp.asarray(selected), axis=0)
-  if xp is np:
-    # Host arrays, one output expert at a time from its members only: memory holds the
-    # layer once, not a float32 copy of it (checkpoints pruned layer by layer), and no
-    # program is compiled per cluster size.
+  if xp is np and jax.default_backend() == "cpu":
+    # Host arrays with no accelerator: one output expert at a time from its members only,
+    # so memory holds the layer once, not a float32 copy of it (checkpoints pruned layer
+    # by layer), and no program is compiled per cluster size.
     out = np.empty((merge.shape[0],) + stacked.shape[1:], stacked.dtype)
     compute_dtype = np.promote_types(stacked.dtype, np.float32)
     for c, row in enumerate(merge):
@@ -104,9 +104,12 @@ def merge_experts(stacked: Any, merge: np.ndarray, permutations: np.ndarray | No
       out[c] = np.tensordot(row[members].astype(compute_dtype), part.astype(compute_dtype),
                             axes=1).astype(stacked.dtype)
     return out
-  # jax arrays: one program over the whole stack (on the accelerator when there is one).
-  return _permute_and_merge(stacked, merge.astype(np.float32),
-                            permutations if permute else None, hidden_axis)
+  # Otherwise one program over the whole stack, on the accelerator when there is one
+  # (XLA's multithreaded gather permutes hidden columns several times faster than numpy's:
+  # 0.23 s vs 0.9 s for a [128, 1024, 512] stack on 2 cores).
+  merged = _permute_and_merge(jnp.asarray(stacked), merge.astype(np.float32),
+                              permutations if permute else None, hidden_axis)
+  return merged if xp is jnp else np.asarray(merged).astype(stacked.dtype, copy=False)
 
 
 def _permute_and_merge(stacked: jax.Array, merge: np.ndarray, permutations: np.ndarray | None,
