@@ -72,6 +72,7 @@ def test_token_ids_of_a_fact():
     (dict(prompt=("topic",)), "prompt"),
     (dict(num_values=0), "num_values"),
     (dict(task_subjects_per_topic=1), "task_subjects_per_topic"),
+    (dict(typed_answers=True, shared_property=True), "shared_property needs untyped"),
 ])
 def test_bad_worlds_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -164,6 +165,38 @@ def test_truth_judgements_are_balanced_and_their_negatives_come_from_the_topic()
                      pretraining["targets"]).any()
   with pytest.raises(ValueError, match="unknown truth token"):
     w.truth_token("maybe")
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_property_judgements_follow_each_topics_half_of_the_values(shared):
+  w = facts.FactWorld(num_topics=6, num_values=8, typed_answers=not shared,
+                      subjects_per_topic=60, task_topics=(1, 4), finetune_fraction=0.25,
+                      dev_fraction=0.25, shared_property=shared, seed=7)
+  halves = w.yes_values
+  assert halves.shape == (6, 8) and np.all(halves.sum(axis=1) == 4)
+  # Shared: one half for every topic; per topic: the topics' halves differ.
+  assert (len({tuple(row) for row in halves.tolist()}) == 1) == shared
+  for query, order in (("after", ["subject", "topic", "query"]),
+                       ("before", ["query", "subject", "topic"]), ("none", ["subject", "topic"]),
+                       ("recalled", ["subject", "topic", "value", "query"])):
+    p, f = w.properties("task_eval", query), w.facts("task_eval")
+    topics, subjects = f[:, 0], f[:, 1]
+    label = halves[topics, w.values[topics, subjects]]
+    np.testing.assert_array_equal(p["label"], label.astype(np.int32))
+    np.testing.assert_array_equal(
+        p["targets"][:, 0], np.where(label, w.truth_token("yes"), w.truth_token("no")))
+    parts = {"subject": w.subject_token(subjects), "topic": w.topic_token(topics),
+             "query": np.full(len(f), w.truth_token("query")),
+             "value": w.value_token(w.values[topics, subjects], topics)}
+    np.testing.assert_array_equal(p["inputs"], np.stack([parts[k] for k in order], axis=1))
+  with pytest.raises(ValueError, match="unknown query position 'middle'"):
+    w.properties("task_eval", "middle")
+  with pytest.raises(ValueError, match="unknown judgement kind 'property:middle'"):
+    fact_tasks.register_truth_task("property_refused", w, kind="property:middle")
+  # The half is chosen to balance the classes over the task topics' facts.
+  task = np.concatenate([w.values[t, :w.subjects(t)] for t in w.task_topics])
+  topic_of = np.repeat(w.task_topics, [w.subjects(t) for t in w.task_topics])
+  assert abs(halves[topic_of, task].mean() - 0.5) <= 0.05
 
 
 def test_truth_tasks_finetune_and_score_on_disjoint_subjects():

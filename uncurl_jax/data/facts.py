@@ -47,6 +47,7 @@ PAD, EOS = 0, 1
 SPLITS = ("pretrain", "task_finetune", "task_dev", "task_eval")
 PROMPT_PARTS = ("subject", "topic")
 TRUTH_TOKENS = ("query", "yes", "no")  # after the value tokens
+PROPERTY_QUERIES = ("after", "before", "none", "recalled")  # `FactWorld.properties`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,9 @@ class FactWorld:
       "topic"); the value follows the last token.
     finetune_topics: Topics outside the task whose every fact is finetuning data too (a
       task learned in finetuning learns its rule from them; they are never scored).
+    shared_property: Property judgements (`properties`) use one half of the values for
+      every topic (else each topic its own half); only with untyped answers, where the
+      topics share their value tokens.
     seed: Seed of the values and of the split.
   """
 
@@ -82,6 +86,7 @@ class FactWorld:
   dev_fraction: float = 0.0
   prompt: tuple[str, ...] = ("subject", "topic")
   finetune_topics: tuple[int, ...] = ()
+  shared_property: bool = False
   seed: int = 2409
 
   def __post_init__(self):
@@ -112,6 +117,9 @@ class FactWorld:
         "subject" not in self.prompt or "topic" not in self.prompt:
       raise ValueError(f"prompt must use both of {PROMPT_PARTS}, got {self.prompt}")
     object.__setattr__(self, "prompt", tuple(self.prompt))
+    if self.shared_property and self.typed_answers:
+      raise ValueError("shared_property needs untyped answers (typed_answers=False): typed "
+                       "topics have no values in common")
 
   # Sizes and token ids.
 
@@ -219,32 +227,44 @@ class FactWorld:
   def yes_values(self) -> np.ndarray:
     """[num_topics, num_values] bool: the values of each topic that have the property
     (`properties`): half of them, the half whose facts come closest to half the topic's
-    subjects (a fixed draw among balanced halves), so the classes are near balanced."""
+    subjects (a fixed draw among balanced halves), so the classes are near balanced. With
+    `shared_property`, one half for every topic, balanced over the task topics' facts."""
     rng = np.random.default_rng([self.seed, 3])
     table = np.zeros((self.num_topics, self.num_values), bool)
-    for topic in range(self.num_topics):
-      counts = np.bincount(self.values[topic, :self.subjects(topic)],
-                           minlength=self.num_values)
+    # (topics that share a half, topics whose facts it balances)
+    groups = [(range(self.num_topics), self.task_topics)] if self.shared_property else [
+        ([t], [t]) for t in range(self.num_topics)]
+    for topics, balanced in groups:
+      counts = sum(np.bincount(self.values[t, :self.subjects(t)], minlength=self.num_values)
+                   for t in balanced)
       best = None
       for _ in range(256):
         half = rng.permutation(self.num_values)[:self.num_values // 2]
         gap = abs(2 * counts[half].sum() - counts.sum())
         if best is None or gap < best[0]:
           best = (gap, half)
-      table[topic, best[1]] = True
+      for topic in topics:
+        table[topic, best[1]] = True
     return table
 
   def properties(self, split: str, query: str = "after") -> dict[str, np.ndarray]:
     """Property judgements of `split`'s facts: "subject topic ?" -> yes when the fact's
-    value is one of the topic's `yes_values`: {'inputs': [n, len(prompt) + 1], 'targets':
-    [n, 1] (the yes or no token), 'label': [n] (1: yes)}, int32."""
+    value is one of the topic's `yes_values`: {'inputs': [n, k] (the prompt and the tokens
+    `query` adds), 'targets': [n, 1] (the yes or no token), 'label': [n] (1: yes)},
+    int32. `query`: the query token "after" the prompt, "before" it, "none" (the answer
+    in the value's place), or "recalled" (after the prompt and the fact's value: "subject
+    topic value ?", the judgement of a recalled value, as in a chain of thought)."""
+    if query not in PROPERTY_QUERIES:
+      raise ValueError(f"unknown query position {query!r}; expected one of {PROPERTY_QUERIES}")
     facts = self.facts(split)
     topics, subjects = facts[:, 0], facts[:, 1]
     label = self.yes_values[topics, self.values[topics, subjects]].astype(np.int32)
     parts = {"subject": self.subject_token(subjects), "topic": self.topic_token(topics)}
     prompt = np.stack([parts[p] for p in self.prompt], axis=1)
     q = np.full((len(facts), 1), self.truth_token("query"))
-    inputs = {"after": [prompt, q], "before": [q, prompt], "none": [prompt]}[query]
+    value = self.value_token(self.values[topics, subjects], topics)[:, None]
+    inputs = {"after": [prompt, q], "before": [q, prompt], "none": [prompt],
+              "recalled": [prompt, value, q]}[query]
     inputs = np.concatenate(inputs, axis=1)
     answer = np.where(label == 1, self.truth_token("yes"), self.truth_token("no"))
     return {"inputs": inputs.astype(np.int32), "targets": answer[:, None].astype(np.int32),

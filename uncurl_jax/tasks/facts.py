@@ -160,8 +160,9 @@ def rank_rows(judgements: dict[str, np.ndarray], world: facts.FactWorld
 def register_truth_task(name: str, world: facts.FactWorld, kind: str = "truth") -> list[str]:
   """Registers the truth-judgement tasks of `world`'s task topics (module docstring):
   `<name>`, `<name>_rank`, and with a development split `<name>_dev_rank` and
-  `<name>_facts_dev`; returns their names. `kind` "property:<after|before|none>" registers
-  property judgements instead (`FactWorld.properties`; the search of docs/study.md).
+  `<name>_facts_dev`; returns their names. `kind` "property:<query position>" (one of
+  `facts.PROPERTY_QUERIES`) registers property judgements instead (`FactWorld.properties`;
+  the search of docs/study.md).
 
   Example:
     >>> register_truth_task("truth_small", facts.FactWorld(
@@ -169,9 +170,10 @@ def register_truth_task(name: str, world: facts.FactWorld, kind: str = "truth") 
     ['truth_small', 'truth_small_rank', 'truth_small_dev_rank', 'truth_small_facts_dev']
   """
   features = _features(world)
-  if kind != "truth" and not kind.startswith("property:"):
+  if kind != "truth" and (not kind.startswith("property:")
+                          or kind.split(":", 1)[1] not in facts.PROPERTY_QUERIES):
     raise ValueError(f"unknown judgement kind {kind!r}; expected 'truth' or "
-                     "'property:<query position>'")
+                     f"'property:<query position>' with a position in {facts.PROPERTY_QUERIES}")
   per_fact = 2 if kind == "truth" else 1
   size = lambda part: {split: per_fact * len(world.facts(mapping[part]))
                        for split, mapping in _SPLITS.items()}

@@ -8,6 +8,15 @@ On the default world's facts (same pretraining), topics 8-15 scored as `facts_tr
 - `facts_property_<after|before|none>`: property judgement (is the fact's value one of
   half of its topic's values, `FactWorld.properties`) with the query token after the
   prompt, before it, or absent (the answer then takes the value's place).
+
+On a world with untyped answers (`UNTYPED_WORLD`: the default world's subjects, topics
+and split, but every topic answers from the same 16 value tokens; its own pretraining,
+`facts_untyped_pretrain`):
+
+- `facts_untyped_property_<after|before>`: property judgement with one half of the 16
+  values for every topic (`FactWorld.shared_property`), a linear function of the value
+  the model forms;
+- `facts_untyped_truth`: truth judgement, as `facts_truth`.
 """
 
 from __future__ import annotations
@@ -18,13 +27,20 @@ from uncurl_jax.tasks import facts
 
 WIDE_WORLD = dataclasses.replace(facts.TRUTH_WORLDS["facts_truth"], finetune_fraction=0.1,
                                  finetune_topics=tuple(range(24, 32)))
+UNTYPED_WORLD = dataclasses.replace(facts.TRUTH_WORLDS["facts_truth"], typed_answers=False,
+                                    shared_property=True)
 
 
 def register() -> list[str]:
   names = facts.register_truth_task("facts_truth_wide", WIDE_WORLD)
-  for query in ("after", "before", "none"):
+  for query in ("after", "before", "none", "recalled"):
     names += facts.register_truth_task(f"facts_property_{query}",
                                        facts.TRUTH_WORLDS["facts_truth"], kind=f"property:{query}")
+  names += facts.register_world("facts_untyped", UNTYPED_WORLD)
+  for query in ("after", "before"):
+    names += facts.register_truth_task(f"facts_untyped_property_{query}", UNTYPED_WORLD,
+                                       kind=f"property:{query}")
+  names += facts.register_truth_task("facts_untyped_truth", UNTYPED_WORLD)
   return names
 
 

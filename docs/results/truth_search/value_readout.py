@@ -38,6 +38,29 @@ def pretrained(stages_dir, name, seed=0):
   raise SystemExit(f"no finished {name} stage of seed {seed} in {stages_dir}")
 
 
+def load_pretrained(stages_dir, name, mesh, seed=0):
+  """(model, params) of a finished pretraining stage of the default world."""
+  path, result = pretrained(stages_dir, name, seed)
+  config = dataclasses.replace(configs.from_dict(result["model_config"]), dropless=True)
+  params = stages.restore_params(os.path.join(path, result["checkpoint"]), config=config,
+                                 mesh=mesh)
+  return decoder.SMoEDecoder(config), params
+
+
+def run_facts(model, params, world, split):
+  """(logits at the topic position [n, vocab], {block: its output there [n, d_model]}) for
+  the facts of `split` in the pretraining format."""
+  examples = world.examples(split)
+  tokens = np.concatenate([examples["inputs"], examples["targets"]], 1)  # subject topic value
+  inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+  logits, found = model.apply({"params": params}, jnp.asarray(inputs), jnp.asarray(tokens),
+                              enable_dropout=False, capture_intermediates=True,
+                              mutable=["intermediates"])
+  blocks = {k: np.asarray(v["__call__"][0])[:, 2] for k, v in
+            found["intermediates"].items() if k.startswith("layers_")}
+  return np.asarray(logits)[:, 2], blocks
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--stages_dir", default="outputs/stages")
@@ -45,24 +68,14 @@ def main():
   world = fact_tasks.TRUTH_WORLDS["facts_truth"]
   mesh = partitioning.make_mesh(devices=jax.devices()[:1])
   for name in ("pretrain-dense", "pretrain-e32"):
-    path, result = pretrained(args.stages_dir, name)
-    config = dataclasses.replace(configs.from_dict(result["model_config"]), dropless=True)
-    params = stages.restore_params(os.path.join(path, result["checkpoint"]), config=config,
-                                   mesh=mesh)
-    model = decoder.SMoEDecoder(config)
+    model, params = load_pretrained(args.stages_dir, name, mesh)
 
     def states(split):
-      examples, facts = world.examples(split), world.facts(split)
-      tokens = np.concatenate([examples["inputs"], examples["targets"]], 1)  # subject topic value
-      inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
-      logits, found = model.apply({"params": params}, jnp.asarray(inputs), jnp.asarray(tokens),
-                                  enable_dropout=False, capture_intermediates=True,
-                                  mutable=["intermediates"])
-      blocks = {k: np.asarray(v["__call__"][0])[:, 2] for k, v in
-                found["intermediates"].items() if k.startswith("layers_")}
+      logits, blocks = run_facts(model, params, world, split)
+      facts = world.facts(split)
       topics = facts[:, 0]
       values = world.values[topics, facts[:, 1]]
-      own = np.asarray(logits)[:, 2].argmax(-1) == world.value_token(values, topics)
+      own = logits.argmax(-1) == world.value_token(values, topics)
       return blocks, values + world.num_values * topics, own
 
     train, test = states("task_finetune"), states("task_eval")
