@@ -5,9 +5,14 @@ On the default world's facts (same pretraining), topics 8-15 scored as `facts_tr
 
 - `facts_truth_wide`: truth judgement whose finetuning also holds every fact of topics
   24-31 (the rule "the shown value is the stored one" from 8x more examples);
-- `facts_property_<after|before|none>`: property judgement (is the fact's value one of
-  half of its topic's values, `FactWorld.properties`) with the query token after the
-  prompt, before it, or absent (the answer then takes the value's place).
+- `facts_property_<after|before|none|recalled>`: property judgement (is the fact's value
+  one of half of its topic's values, `FactWorld.properties`) with the query token after
+  the prompt, before it, absent (the answer then takes the value's place), or after the
+  value ("subject topic value ?": the judgement of a recalled value, trained with the
+  true one, as a chain of thought);
+- `facts_property_recalled_replay`: a mixture of `facts_property_recalled` and the
+  pretraining facts (`facts_pretrain`), one to one: finetuning that replays what it must
+  not erase.
 
 On a world with untyped answers (`UNTYPED_WORLD`: the default world's subjects, topics
 and split, but every topic answers from the same 16 value tokens; its own pretraining,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 
 from uncurl_jax.tasks import facts
+from uncurl_jax.tasks import vocab
 
 WIDE_WORLD = dataclasses.replace(facts.TRUTH_WORLDS["facts_truth"], finetune_fraction=0.1,
                                  finetune_topics=tuple(range(24, 32)))
@@ -36,6 +42,9 @@ def register() -> list[str]:
   for query in ("after", "before", "none", "recalled"):
     names += facts.register_truth_task(f"facts_property_{query}",
                                        facts.TRUTH_WORLDS["facts_truth"], kind=f"property:{query}")
+  vocab.add_mixture("facts_property_recalled_replay",
+                    [("facts_property_recalled", 1.0), ("facts_pretrain", 1.0)])
+  names.append("facts_property_recalled_replay")
   names += facts.register_world("facts_untyped", UNTYPED_WORLD)
   for query in ("after", "before"):
     names += facts.register_truth_task(f"facts_untyped_property_{query}", UNTYPED_WORLD,

@@ -28,13 +28,15 @@ from uncurl_jax.model import partitioning
 from uncurl_jax.study import stages
 from uncurl_jax.tasks import facts as fact_tasks
 
-TASK = "facts_property_recalled"
+TASK = "facts_property_recalled"  # the default --task
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--stages_dir", default="outputs/stages")
   parser.add_argument("--split", default="task_dev", choices=["task_dev", "task_eval"])
+  parser.add_argument("--task", default=TASK, help="The finetuning task or mixture "
+                      "(e.g. facts_property_recalled_replay).")
   args = parser.parse_args()
   world = fact_tasks.TRUTH_WORLDS["facts_truth"]
   mesh = partitioning.make_mesh(devices=jax.devices()[:1])
@@ -44,7 +46,7 @@ def main():
   true = world.value_token(world.values[topics, facts[:, 1]], topics)
   label = world.yes_values[topics, world.values[topics, facts[:, 1]]]
   column = lambda token: np.full((len(facts), 1), token)
-  for path in sorted(glob.glob(os.path.join(args.stages_dir, f"finetune-*-{TASK}-*"))):
+  for path in sorted(glob.glob(os.path.join(args.stages_dir, f"finetune-*-{args.task}-*"))):
     if not os.path.exists(os.path.join(path, "result.json")):
       continue
     stage = json.load(open(os.path.join(path, "stage_config.json")))
