@@ -270,3 +270,18 @@ def test_rank_scoring_of_a_truth_task_on_known_logits():
   judged = w.judgements("task_eval")["inputs"][:, 1] - int(w.topic_token(0))
   expected = 100.0 * (np.mean(judged == 2) + 0.5 * np.mean(judged != 2))
   assert accuracy([2]) == pytest.approx(expected)
+
+
+def test_the_searchs_variants_are_registered():
+  from uncurl_jax.tasks import truth_search
+  mixture = seqio.get_mixture_or_task("facts_property_recalled_replay")
+  tasks = {task.name: mixture.get_rate(task) for task in mixture.tasks}
+  assert tasks == {"facts_property_recalled": 1.0, "facts_pretrain": 1.0}
+  # The untyped world: its topics answer from the same 16 value tokens, one property half.
+  world = truth_search.UNTYPED_WORLD
+  targets = world.examples("pretrain")["targets"][:, 0]
+  assert set(targets.tolist()) == set(world.value_token(np.arange(16), 0).tolist())
+  assert (world.yes_values == world.yes_values[0]).all()
+  recalled = seqio.get_mixture_or_task("facts_property_recalled")
+  assert recalled.num_input_examples("train") == len(
+      fact_tasks.TRUTH_WORLDS["facts_truth"].facts("task_finetune"))
