@@ -13,37 +13,22 @@ value tokens). Next to them: the property of the model's own answer.
   python docs/results/truth_search/property_readout.py --stages_dir=outputs/stages
 """
 
-import argparse
-
-import jax
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from uncurl_jax.model import partitioning
-from uncurl_jax.tasks import facts as fact_tasks
-
-from value_readout import load_pretrained, run_facts  # the same models and forward
+from value_readout import models_and_facts  # the same models and forward
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--stages_dir", default="outputs/stages")
-  args = parser.parse_args()
-  world = fact_tasks.TRUTH_WORLDS["facts_truth"]
-  mesh = partitioning.make_mesh(devices=jax.devices()[:1])
-  for name in ("pretrain-dense", "pretrain-e32"):
-    model, params = load_pretrained(args.stages_dir, name, mesh)
+  for name, world, run in models_and_facts(__doc__):
 
     def states(split):
-      logits, blocks = run_facts(model, params, world, split)
-      facts = world.facts(split)
-      topics = facts[:, 0]
-      values = world.values[topics, facts[:, 1]]
+      logits, blocks, topics, values = run(split)
       candidates = world.value_token(np.arange(world.num_values)[None], topics[:, None])
       scores = np.take_along_axis(logits, candidates, 1)
       answer = np.exp(scores - scores.max(1, keepdims=True))
       answer /= answer.sum(1, keepdims=True)
-      distribution = np.zeros((len(facts), world.num_value_tokens))
+      distribution = np.zeros((len(topics), world.num_value_tokens))
       np.put_along_axis(distribution, topics[:, None] * world.num_values
                         + np.arange(world.num_values)[None], answer, 1)
       own = world.yes_values[topics, scores.argmax(1)]

@@ -61,8 +61,11 @@ def run_facts(model, params, world, split):
   return np.asarray(logits)[:, 2], blocks
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def models_and_facts(description):
+  """Parses --stages_dir; yields (name, states) for the dense and the 32-expert model, where
+  states(split) = (logits at the topic position, block outputs there, topics, values) of
+  the truth task's facts of `split` (world `facts_truth`)."""
+  parser = argparse.ArgumentParser(description=description.splitlines()[0])
   parser.add_argument("--stages_dir", default="outputs/stages")
   args = parser.parse_args()
   world = fact_tasks.TRUTH_WORLDS["facts_truth"]
@@ -70,11 +73,19 @@ def main():
   for name in ("pretrain-dense", "pretrain-e32"):
     model, params = load_pretrained(args.stages_dir, name, mesh)
 
-    def states(split):
+    def states(split, model=model, params=params):
       logits, blocks = run_facts(model, params, world, split)
       facts = world.facts(split)
-      topics = facts[:, 0]
-      values = world.values[topics, facts[:, 1]]
+      return logits, blocks, facts[:, 0], world.values[facts[:, 0], facts[:, 1]]
+
+    yield name, world, states
+
+
+def main():
+  for name, world, run in models_and_facts(__doc__):
+
+    def states(split):
+      logits, blocks, topics, values = run(split)
       own = logits.argmax(-1) == world.value_token(values, topics)
       return blocks, values + world.num_values * topics, own
 
