@@ -13,20 +13,17 @@ prints the recall itself and the judgement with the true value shown.
 """
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from uncurl_jax.model import configs
-from uncurl_jax.model import decoder
 from uncurl_jax.model import partitioning
-from uncurl_jax.study import stages
 from uncurl_jax.tasks import facts as fact_tasks
+
+from value_readout import forward, load_stage  # the same loading and forward
 
 TASK = "facts_property_recalled"  # the default --task
 
@@ -51,15 +48,8 @@ def main():
       continue
     stage = json.load(open(os.path.join(path, "stage_config.json")))
     result = json.load(open(os.path.join(path, "result.json")))["result"]
-    config = dataclasses.replace(configs.from_dict(result["model_config"]), dropless=True)
-    params = stages.restore_params(os.path.join(path, result["checkpoint"]), config=config,
-                                   mesh=mesh)
-    model = decoder.SMoEDecoder(config)
-
-    def logits(tokens):
-      inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
-      return np.asarray(model.apply({"params": params}, jnp.asarray(inputs),
-                                    jnp.asarray(tokens), enable_dropout=False))
+    model, params = load_stage(path, result, mesh)
+    logits = lambda tokens: np.asarray(forward(model, params, tokens))
 
     recalled = logits(np.concatenate([examples["inputs"], true[:, None]], 1))[:, 2].argmax(-1)
 

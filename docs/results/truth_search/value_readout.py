@@ -38,13 +38,25 @@ def pretrained(stages_dir, name, seed=0):
   raise SystemExit(f"no finished {name} stage of seed {seed} in {stages_dir}")
 
 
-def load_pretrained(stages_dir, name, mesh, seed=0):
-  """(model, params) of a finished pretraining stage of the default world."""
-  path, result = pretrained(stages_dir, name, seed)
+def load_stage(path, result, mesh):
+  """(model, params) of a finished training stage (its directory and result)."""
   config = dataclasses.replace(configs.from_dict(result["model_config"]), dropless=True)
   params = stages.restore_params(os.path.join(path, result["checkpoint"]), config=config,
                                  mesh=mesh)
   return decoder.SMoEDecoder(config), params
+
+
+def load_pretrained(stages_dir, name, mesh, seed=0):
+  """(model, params) of a finished pretraining stage of the default world."""
+  return load_stage(*pretrained(stages_dir, name, seed), mesh)
+
+
+def forward(model, params, tokens, **kwargs):
+  """The model's teacher-forced forward over whole sequences `tokens` [n, length] (each
+  position predicts the next token, as in training); kwargs go to `model.apply`."""
+  inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+  return model.apply({"params": params}, jnp.asarray(inputs), jnp.asarray(tokens),
+                     enable_dropout=False, **kwargs)
 
 
 def run_facts(model, params, world, split):
@@ -52,10 +64,8 @@ def run_facts(model, params, world, split):
   the facts of `split` in the pretraining format."""
   examples = world.examples(split)
   tokens = np.concatenate([examples["inputs"], examples["targets"]], 1)  # subject topic value
-  inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
-  logits, found = model.apply({"params": params}, jnp.asarray(inputs), jnp.asarray(tokens),
-                              enable_dropout=False, capture_intermediates=True,
-                              mutable=["intermediates"])
+  logits, found = forward(model, params, tokens, capture_intermediates=True,
+                          mutable=["intermediates"])
   blocks = {k: np.asarray(v["__call__"][0])[:, 2] for k, v in
             found["intermediates"].items() if k.startswith("layers_")}
   return np.asarray(logits)[:, 2], blocks
