@@ -66,9 +66,11 @@ finetuning/TrainSettings.router_warmup_learning_rate = 1e-2
 def test_rewrite_gin_args_quotes_plain_strings():
   assert cli.rewrite_gin_args(
       ["prog", "--gin.MODEL_DIR=/tmp/x", "--gin.TRAIN_STEPS=5", "--gin.F=@f()",
-       "--gin.L={'targets': 8}", "--gin_file=a.gin"]) == [
+       "--gin.L={'targets': 8}", "--gin.D={'a': @s/f()}", "--gin.M=[%X]",
+       "--gin_file=a.gin"]) == [
            "prog", "--gin_bindings=MODEL_DIR = '/tmp/x'", "--gin_bindings=TRAIN_STEPS = 5",
-           "--gin_bindings=F = @f()", "--gin_bindings=L = {'targets': 8}", "--gin_file=a.gin"]
+           "--gin_bindings=F = @f()", "--gin_bindings=L = {'targets': 8}",
+           "--gin_bindings=D = {'a': @s/f()}", "--gin_bindings=M = [%X]", "--gin_file=a.gin"]
 
 
 def test_path_parameters_and_their_macros_become_absolute(tmp_path, monkeypatch):

@@ -102,7 +102,8 @@ USAGE_EXIT_CODE = 2
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
   """Turns `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE` (as t5x does).
 
-  A VALUE that is not a Python literal, a gin reference (@...) or macro (%...) is quoted.
+  A VALUE that is not a Python literal, a gin reference (@...), macro (%...) or container
+  ({...}, [...], (...), which may hold references) is quoted.
 
   Example:
     >>> rewrite_gin_args(["prog", "--gin.MODEL_DIR=/tmp/x", "--gin.TRAIN_STEPS=5"])
@@ -119,7 +120,7 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 
 def _gin_value(value: str) -> str:
-  if value.startswith(("@", "%")):
+  if value.startswith(("@", "%", "{", "[", "(")):  # gin syntax (containers may hold @refs)
     return value
   try:
     ast.literal_eval(value)

@@ -285,3 +285,68 @@ def test_the_searchs_variants_are_registered():
   recalled = seqio.get_mixture_or_task("facts_property_recalled")
   assert recalled.num_input_examples("train") == len(
       fact_tasks.TRUTH_WORLDS["facts_truth"].facts("task_finetune"))
+
+
+def test_property_tasks_finetune_score_and_replay_on_the_right_facts():
+  """A property task: its judgements are finetuned on the finetuning subjects, scored
+  (recall, then judge) on the held-out ones, chosen on the development ones, all disjoint;
+  its rows show the fact's true value and are labelled by the topic's half; the
+  finetuning mixture replays the pretraining data one to one. The world's "replay" split
+  (the search's variant) is every fact but the development and scored ones."""
+  w = TRUTH_WORLD
+  fact_tasks.register_world("property_test_world", w)
+  names = fact_tasks.register_property_task("property_test", w,
+                                            replay="property_test_world_pretrain")
+  assert names == ["property_test", "property_test_rank", "property_test_dev_rank",
+                   "property_test_facts_dev", "property_test_recall_judge",
+                   "property_test_dev_recall_judge", "property_test_replay"]
+  rows = lambda name, split: list(seqio.get_mixture_or_task(name).get_dataset(
+      None, split=split, shuffle=False).as_numpy_iterator())
+  pair = lambda x: (int(x["inputs"][1]) - int(w.topic_token(0)), int(x["inputs"][0]) - 2)
+  finetune = {pair(x) for x in rows("property_test", "train")}
+  scored = rows("property_test_recall_judge", "validation")
+  dev = {pair(x) for x in rows("property_test_dev_recall_judge", "validation")}
+  as_set = lambda a: {tuple(p) for p in a.tolist()}
+  assert finetune == as_set(w.facts("task_finetune")) and dev == as_set(w.facts("task_dev"))
+  assert {pair(x) for x in scored} == as_set(w.facts("task_eval"))
+  assert not finetune & dev and not finetune & {pair(x) for x in scored}
+  # The scored rows: "subject topic value ?" with the true value, answered by the half.
+  expected = w.properties("task_eval", "recalled")
+  np.testing.assert_array_equal(np.stack([x["inputs"] for x in scored]), expected["inputs"])
+  np.testing.assert_array_equal([int(x["targets"][0]) for x in scored],
+                                expected["targets"][:, 0])
+  spec = fact_tasks.RECALL_JUDGE_TASKS["property_test_recall_judge"]
+  assert spec == fact_tasks.RecallJudge(value_position=2, answers=(
+      w.truth_token("yes"), w.truth_token("no")))
+  mixture = seqio.get_mixture_or_task("property_test_replay")
+  assert {t.name: mixture.get_rate(t) for t in mixture.tasks} == {
+      "property_test": 1.0, "property_test_world_pretrain": 1.0}
+  # The "replay" split: every fact but the development and scored ones.
+  fact_tasks.register_facts("property_test_unscored", w, "replay")
+  replayed = {pair(x) for x in rows("property_test_unscored", "train")}
+  assert replayed == as_set(w.facts("pretrain")) - dev - as_set(w.facts("task_eval"))
+  assert finetune <= replayed and len(replayed) == len(w.facts("replay"))
+  with pytest.raises(ValueError, match="'pretrain' or 'replay' facts"):
+    fact_tasks.register_facts("property_refused", w, "task_eval")
+  no_dev = facts.FactWorld(num_topics=6, num_values=8, typed_answers=True,
+                           subjects_per_topic=40, task_topics=(2,))
+  with pytest.raises(ValueError, match="needs a world with a development split"):
+    fact_tasks.register_property_task("property_refused", no_dev, replay="facts_pretrain")
+
+
+def test_the_default_property_tasks_are_balanced_apart_and_large_enough():
+  """The study's two property tasks: 12 topics each, apart from facts_task's and from each
+  other's, on the default world's facts, >= 2,500 scored facts, classes within 5 points of
+  balance in every split."""
+  worlds = fact_tasks.PROPERTY_WORLDS
+  assert sorted(worlds) == ["facts_property", "facts_property_b"]
+  topics = [set(w.task_topics) for w in worlds.values()]
+  assert all(len(t) == 12 for t in topics) and not topics[0] & topics[1]
+  assert all(not t & set(fact_tasks.DEFAULT_WORLD.task_topics) for t in topics)
+  for name, w in worlds.items():
+    np.testing.assert_array_equal(w.values, fact_tasks.DEFAULT_WORLD.values)  # same facts
+    assert w.num_task_items >= 2500
+    for split in ("task_finetune", "task_dev", "task_eval"):
+      assert abs(w.properties(split, "recalled")["label"].mean() - 0.5) <= 0.05, (name, split)
+    assert seqio.get_mixture_or_task(f"{name}_recall_judge").num_input_examples(
+        "validation") == w.num_task_items

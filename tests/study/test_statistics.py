@@ -341,3 +341,56 @@ def test_uncurl_is_compared_with_the_papers_baselines_where_the_study_has_them()
   found = _found(statistics.findings(_study(offsets), pairs=[(32, 8)]), variant="paper",
                  contains="beats frequency")
   assert "frequency (bind)" in found[0].evidence and found[0].verdict == "does not hold"
+
+
+@pytest.mark.parametrize("offset, verdict", [(BOUNDARY + 0.01, "holds"),
+                                             (BOUNDARY - 0.01, "cannot tell"),
+                                             (-BOUNDARY - 0.01, "does not hold")])
+def test_progressive_dropping_is_judged_against_993_per_mille_of_the_benefit(offset, verdict):
+  """dense 0, +32e 10: the claim's level is 9.93; the dropped model at 9.93 + offset, its
+  contrast's interval of half-width BOUNDARY decides (just beyond it, just within)."""
+  rows = _study({"dense": 0.0, "+32e": 10.0, "+8e": 5.0,
+                 "32->8 progressive_dropping": 9.93 + offset + Z,
+                 "32->16 progressive_dropping": 10.0})
+  found = _found(statistics.findings(rows, pairs=[(32, 16), (32, 8)]),
+                 contains="progressive dropping")
+  assert [f.verdict for f in found] == [verdict]
+  assert found[0].claim == ("[t, after finetuning] progressive dropping 32->8 keeps 99.3% of "
+                            "the 32-expert model's benefit over dense (Chen et al. 2022, who "
+                            "drop to one expert)")
+  assert found[0].evidence.startswith(
+      f"one comparison, no correction: 32->8 progressive_dropping - (dense + 0.993 x (+32e - "
+      f"dense)): {offset:+.2f} ± 1.96 (95% CI, seeds 5)")
+  assert not _found(statistics.findings(rows, pairs=[(32, 8)]), phase="one_shot",
+                    contains="progressive dropping")
+
+
+@pytest.mark.parametrize("offset, verdict", [(BOUNDARY - 1.0 + 0.01, "holds"),
+                                             (-1.0 - BOUNDARY + 0.01, "cannot tell"),
+                                             (-1.0 - BOUNDARY - 0.01, "does not hold")])
+def test_router_norm_is_judged_within_a_point_of_the_finetuned_source(offset, verdict):
+  rows = _study({"+32e": 10.0, "+8e": 5.0, "32->8 router_norm (anchor)": 10.0 + offset + Z})
+  found = _found(statistics.findings(rows, pairs=[(32, 8)]), contains="router-norm")
+  assert [f.verdict for f in found] == [verdict]
+  assert found[0].claim == ("[t, after finetuning] router-norm pruning 32->8 preserves the "
+                            "finetuned 32-expert model's accuracy (within 1 point; Chowdhury "
+                            "et al. 2024)")
+  assert f"32->8 router_norm (anchor) - (+32e - 1): {offset + 1.0:+.2f} ± 1.96" in (
+      found[0].evidence)
+  # Not run: no finding.
+  assert not _found(statistics.findings(_study({"+32e": 1.0, "+8e": 0.0}), pairs=[(32, 8)]),
+                    contains="router-norm")
+
+
+def test_paired_contrast_equals_the_difference_and_uses_items_with_one_seed():
+  rows = _study({"+32e": 3.0 + Z, "+8e": 1.0})
+  assert statistics.paired_contrast(rows, {"+32e": 1.0, "+8e": -1.0}, task="t") == (
+      statistics.paired_difference(rows, "+32e", "+8e", task="t"))
+  items = {("t", "+32e", 0): np.array([100.0, 0.0, 100.0, 100.0]),
+           ("t", "+8e", 0): np.array([0.0, 0.0, 100.0, 100.0])}
+  one = [ResultRow("t", "scratch", 32, score=75.0, seed=0),
+         ResultRow("t", "scratch", 8, score=50.0, seed=0)]
+  estimate = statistics.paired_contrast(one, {"+32e": 1.0, "+8e": -1.0}, task="t",
+                                        items=items, offset=1.0)
+  assert estimate.unit == "items" and estimate.n == 4 and estimate.mean == pytest.approx(26.0)
+  assert estimate.se == pytest.approx(np.std([100.0, 0, 0, 0], ddof=1) / 2)

@@ -421,8 +421,66 @@ def test_a_truth_task_runs_in_a_miniature_study(tmp_path):
     assert row.score == pytest.approx(scores.mean())
 
 
+def test_a_property_task_runs_in_a_miniature_study(tmp_path):
+  """A property task: finetuned on its replay mixture, pruned on the statistics of its own
+  judgements, scored by recall then judgement: per-item scores (one per scored fact), the
+  score is their mean, and the recall and the judgement with the true value are reported."""
+  from uncurl_jax.data import facts as facts_data  # pylint: disable=import-outside-toplevel
+  from uncurl_jax.tasks import facts as fact_tasks  # pylint: disable=import-outside-toplevel
+  world = facts_data.FactWorld(num_topics=4, num_values=8, typed_answers=True,
+                               subjects_per_topic=24, task_topics=(1, 2),
+                               finetune_fraction=0.25, dev_fraction=0.25, seed=5)
+  fact_tasks.register_world("mini_property_world", world)
+  fact_tasks.register_property_task("mini_property", world,
+                                    replay="mini_property_world_pretrain")
+  lengths = {"inputs": 8, "targets": 4}
+  settings = dict(task_feature_lengths=lengths, batch_size=8, learning_rate=1e-2,
+                  warmup_steps=1)
+  finetune = TrainSettings(steps=4, router_warmup_steps=1, router_warmup_learning_rate=1e-2,
+                           **settings)
+  config = _config(
+      tmp_path, model=configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32,
+                                  num_heads=2, max_length=32, vocab_size=world.vocab_size),
+      tasks=["mini_property:mini_property_recall_judge"],
+      pretrain=TrainSettings(steps=4, mixture_or_task_name="mini_property_world_pretrain",
+                             **settings),
+      finetune=finetune, task_finetune={"mini_property": dataclasses.replace(
+          finetune, steps=5, mixture_or_task_name="mini_property_replay")},
+      methods=["frequency"], eval_batch_size=8)
+  study = study_lib.Study(config)
+  rows = study.run()
+  items = study.items()
+  assert {row.model for row in rows} == {"+2e", "+4e", "4->2 frequency (anchor)"}
+  stages = {spec.name: spec for spec in study.plan()}
+  assert stages["stats-e4-mini_property"].config["task"] == "mini_property"
+  trained = [spec for name, spec in stages.items() if name.startswith("finetune-")]
+  assert trained and all(spec.config["train"]["mixture_or_task_name"] == "mini_property_replay"
+                         for spec in trained)
+  for row in rows:
+    scores = items[("mini_property", row.model, 0)]
+    assert scores.shape == (world.num_task_items,) and set(np.unique(scores)) <= {0.0, 100.0}
+    assert row.score == pytest.approx(scores.mean())
+    assert 0.0 <= row.recall <= 100.0 and 0.0 <= row.score_true_value <= 100.0
+  # A mixture re-registered under its name with other rates trains other models: its
+  # composition is in the finetuning stages' keys (pretraining on a task keeps its key).
+  keys = {spec.name: spec.key for spec in study_lib.Study(config).plan()}
+  uncurl_jax.tasks.vocab.add_mixture("mini_property_replay", [
+      ("mini_property", 2.0), ("mini_property_world_pretrain", 1.0)])
+  try:
+    changed = {spec.name for spec in study_lib.Study(config).plan()
+               if keys[spec.name] != spec.key}
+  finally:
+    fact_tasks.register_property_task("mini_property", world,
+                                      replay="mini_property_world_pretrain")
+  assert {name.split("-")[0] for name in changed} >= {"finetune", "warmup", "score"}
+  assert not any(name.startswith("pretrain-") for name in changed)
+  with pytest.raises(ValueError, match="'no_such_mixture'"):
+    _config(tmp_path, task_finetune={TASK: dataclasses.replace(
+        _config(tmp_path).finetune, mixture_or_task_name="no_such_mixture")}).check_runnable()
+
+
 @pytest.mark.parametrize("gin_file", ["synthetic.gin", "full.gin", "paper_354m.gin",
-                                      "truth_search.gin"])
+                                      "truth_search.gin", "property.gin"])
 def test_experiment_gin_files_make_valid_study_configs(gin_file):
   try:
     study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", gin_file)])
@@ -434,6 +492,17 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
   names = {m.method for m in config.methods}
   if gin_file == "truth_search.gin":  # scored on a development split, references decide
     assert config.tasks[0].eval_task == "facts_truth_dev_rank" and "oracle" not in names
+  elif gin_file == "property.gin":  # docs/study.md, "The property tasks"
+    assert [(t.name, t.eval_task) for t in config.tasks] == [
+        ("facts_property", "facts_property_recall_judge"),
+        ("facts_property_b", "facts_property_b_recall_judge")]
+    for task in config.tasks:
+      settings = config.finetune_settings(task)
+      assert settings.mixture_or_task_name == f"{task.name}_replay"
+      assert (settings.steps, settings.learning_rate, settings.router_warmup_steps) == (
+          1000, 1e-3, 30)
+      assert config.dev_tasks[task.name] == f"{task.name}_facts_dev"
+    assert {"uncurl", "frequency", "oracle", "router_norm", "progressive_dropping"} <= names
   else:
     assert {"uncurl", "frequency"} <= names
 
@@ -508,11 +577,31 @@ def _default_study(tmp_path):
   return study_lib.Study(config)
 
 
-def _recipes_in_docs() -> str:
-  """The fenced block under '#### The arms' recipes' in docs/study.md."""
+def _recipes_in_docs(heading: str = "#### The arms' recipes") -> str:
+  """The fenced block under `heading` in docs/study.md."""
   text = open(os.path.join("docs", "study.md")).read()
-  section = text.split("#### The arms' recipes", 1)[1]
+  section = text.split(heading, 1)[1]
   return section.split("```", 2)[1].strip("\n")
+
+
+def test_the_property_plan_is_the_recipe_docs_study_md_states(tmp_path):
+  """The docs are claims: property.gin's plan (per task) prints the block docs/study.md
+  shows under "The property tasks' recipes", and it finetunes on the replay mixture."""
+  try:
+    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", "property.gin")],
+                         gin_bindings=[f"STAGES_DIR = '{tmp_path}'"])
+    config = study_main.register_configurables()["StudyConfig"]()
+  finally:
+    gin.clear_config()
+  study = study_lib.Study(config)
+  specs = study.plan()
+  assert study_report.recipes_text(study.recipes()).strip("\n") == _recipes_in_docs(
+      "#### The property tasks' recipes")
+  for spec in specs:
+    if spec.name.startswith(("finetune-", "warmup-")):
+      task = spec.config["task"]
+      assert spec.config["train"]["mixture_or_task_name"] == f"{task}_replay", spec.name
+      assert spec.config["mixture"] == {task: 1.0, "facts_pretrain": 1.0}
 
 
 def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):

@@ -44,7 +44,7 @@ import functools
 import numpy as np
 
 PAD, EOS = 0, 1
-SPLITS = ("pretrain", "task_finetune", "task_dev", "task_eval")
+SPLITS = ("pretrain", "task_finetune", "task_dev", "task_eval", "replay")
 PROMPT_PARTS = ("subject", "topic")
 TRUTH_TOKENS = ("query", "yes", "no")  # after the value tokens
 PROPERTY_QUERIES = ("after", "before", "none", "recalled")  # `FactWorld.properties`
@@ -201,8 +201,10 @@ class FactWorld:
 
   def facts(self, split: str) -> np.ndarray:
     """[n, 2] (topic, subject) pairs of `split`: every fact of the world ("pretrain"), the
-    task's finetuning facts ("task_finetune"), its development facts ("task_dev") or its
-    held-out, scored facts ("task_eval")."""
+    task's finetuning facts ("task_finetune"), its development facts ("task_dev"), its
+    held-out, scored facts ("task_eval"), or every fact but the task's development and
+    held-out ones ("replay": what finetuning may replay while the facts it is scored on
+    stay seen only in pretraining)."""
     if split == "pretrain":
       return np.asarray([(t, s) for t in range(self.num_topics)
                          for s in range(self.subjects(t))], np.int64)
@@ -212,6 +214,12 @@ class FactWorld:
       return self._split()[1]
     if split == "task_eval":
       return self._split()[2]
+    if split == "replay":
+      every = self.facts("pretrain")
+      unseen = np.zeros((self.num_topics, self.max_subjects), bool)
+      for part in self._split()[1:]:
+        unseen[part[:, 0], part[:, 1]] = True
+      return every[~unseen[every[:, 0], every[:, 1]]]
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
   def examples(self, split: str) -> dict[str, np.ndarray]:

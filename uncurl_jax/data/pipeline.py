@@ -70,6 +70,20 @@ def check_task(name: object, what: str = "MIXTURE_OR_TASK_NAME") -> str:
   return name
 
 
+def mixture_rates(name: str) -> dict[str, float] | None:
+  """{task: rate} of a registered seqio mixture (its tasks, nested mixtures flattened), or
+  None for a task: what a mixture mixes, which its name alone does not say.
+
+  Example:
+    >>> mixture_rates("facts_property_replay")
+    {'facts_property': 1.0, 'facts_pretrain': 1.0}
+  """
+  provider = seqio.get_mixture_or_task(name)
+  if not isinstance(provider, seqio.Mixture):
+    return None
+  return {task.name: float(provider.get_rate(task)) for task in provider.tasks}
+
+
 def model_length(task_feature_lengths: Mapping[str, int]) -> int:
   """Length of the decoder features: inputs and targets are concatenated.
 

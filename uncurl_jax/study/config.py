@@ -265,7 +265,10 @@ class StudyConfig:
     task_finetune: Per-task finetuning ({task name: TrainSettings}) replacing `finetune`
       for that task (a task learned in finetuning needs another learning rate and length
       than one whose knowledge is only kept); `finetune_steps` applies on top. The
-      sequence lengths and packing of scoring stay `finetune`'s.
+      sequence lengths and packing of scoring stay `finetune`'s. Its
+      `mixture_or_task_name`, if set, is the finetuning data instead of the task (e.g. a
+      mixture of the task and replayed pretraining data); the task's own data still drives
+      the pruning statistics and the expert usage.
     dropping: Progressive dropping schedule; its `target_experts` is set to each D.
     seeds: Seeds of initialization, data order, clustering and re-initialized routers;
       every model and arm is run once per seed, and the report gives means and standard
@@ -351,9 +354,6 @@ class StudyConfig:
       if not isinstance(settings, TrainSettings):
         raise TypeError(f"StudyConfig.task_finetune[{name!r}] must be a TrainSettings, got "
                         f"{type(settings).__name__}")
-      if settings.mixture_or_task_name is not None:
-        raise ValueError(f"StudyConfig.task_finetune[{name!r}] trains on its task: leave its "
-                         f"mixture_or_task_name None, got {settings.mixture_or_task_name!r}")
       if (settings.task_feature_lengths != self.finetune.task_feature_lengths
           or settings.pack != self.finetune.pack):
         raise ValueError(f"StudyConfig.task_finetune[{name!r}] must keep finetune's "
@@ -448,6 +448,9 @@ class StudyConfig:
         pipeline.check_task(settings.mixture_or_task_name, "a training mixture")
     for task in self.tasks:
       pipeline.check_task(task.name, "a study task")
+      data = self.finetune_settings(task).mixture_or_task_name
+      if data is not None:
+        pipeline.check_task(data, f"the finetuning data of {task.name}")
       if task.name in self.dev_tasks:
         pipeline.check_task(self.dev_tasks[task.name], f"the development task of {task.name}")
       if task.eval_task is not None:

@@ -21,6 +21,7 @@ import dataclasses
 import os
 from typing import Any, Callable
 
+from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.study import arms
@@ -144,6 +145,12 @@ class StageGraph:
     key = {**key, "train": dataclasses.asdict(settings), "seed": seed, "router_warmup": warmup,
            "dropping": None if dropping is None else dataclasses.asdict(dropping),
            "data_offset": data_offset}
+    # A mixture's composition: a mixture re-registered under its name with other tasks or
+    # rates trains another model (a task is known by its name).
+    rates = None if (settings.mixture_or_task_name or task) is None else \
+        pipeline.mixture_rates(settings.mixture_or_task_name or task)
+    if rates is not None:
+      key["mixture"] = rates
     # A trainer per (model shape, settings, procedure), as `training.StageTrainer` keeps
     # them: its steps compile once.
     compile_key = ("train", num_experts if shape is None else shape,

@@ -39,7 +39,8 @@ from uncurl_jax.study.rows import reference_label
 
 CSV_COLUMNS = ("task", "model", "kind", "method", "router", "source_experts", "num_experts",
                "pruning_factor", "seed", "metric", "score", "score_before_finetune",
-               "score_after_warmup", "score_at_capacity", "reference_score", "delta", "recipe")
+               "score_after_warmup", "score_at_capacity", "reference_score", "delta", "recipe",
+               "recall", "score_true_value")
 
 
 def _reference_scores(rows: Sequence[ResultRow]) -> dict[tuple[str, str, int], float]:
@@ -75,6 +76,8 @@ def write_csv(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
                                  else row.score_after_warmup),
           "recipe": row.recipe,
           "score_at_capacity": "" if row.secondary is None else row.secondary,
+          "recall": "" if row.recall is None else row.recall,
+          "score_true_value": "" if row.score_true_value is None else row.score_true_value,
           "reference_score": "" if reference is None else reference,
           "delta": "" if reference is None else row.score - reference})
   os.replace(temporary, path)
@@ -98,7 +101,9 @@ def read_csv(path: str | os.PathLike) -> list[ResultRow]:
         score=float(r["score"]), score_before_finetune=float(before) if before else None,
         metric=r["metric"], seed=int(r["seed"]),
         secondary=float(secondary) if secondary else None,
-        score_after_warmup=float(warmed) if warmed else None, recipe=r.get("recipe", "")))
+        score_after_warmup=float(warmed) if warmed else None, recipe=r.get("recipe", ""),
+        recall=float(r["recall"]) if r.get("recall") else None,
+        score_true_value=float(r["score_true_value"]) if r.get("score_true_value") else None))
   return rows
 
 

@@ -38,6 +38,10 @@ class ResultRow:
     seed: The seed of the run.
     secondary: The metric at the model's evaluation capacity (when the score is
       dropless), or None.
+    recall: After finetuning, the share (%) of scored facts the model recalls (tasks
+      scored by recall then judgement, `study.recall_judge`), or None.
+    score_true_value: After finetuning, the metric with the true value shown instead of
+      the recalled one (the finetuned judgement alone), or None.
   """
 
   task: str
@@ -53,6 +57,8 @@ class ResultRow:
   secondary: float | None = None
   score_after_warmup: float | None = None
   recipe: str = ""
+  recall: float | None = None
+  score_true_value: float | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:

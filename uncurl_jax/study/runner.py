@@ -248,7 +248,9 @@ class Study:
         score=float(score["score"]), metric=metric,
         score_before_finetune=None if before is None else float(before["score"]),
         score_after_warmup=None if warmed is None else float(warmed["score"]),
-        recipe=row.recipe, secondary=score["metrics"].get(f"{metric}_at_capacity"))
+        recipe=row.recipe, secondary=score["metrics"].get(f"{metric}_at_capacity"),
+        recall=score["metrics"].get("recall"),
+        score_true_value=score["metrics"].get(f"{metric}_true_value"))
 
 
 def _arm_label(row: RowSpec) -> str:

@@ -4,8 +4,9 @@
 `study.training.StageTrainer`; `StageWork` does the other stages' work with the
 project's modules: statistics through `pruning.collect_expert_stats`, pruning through
 `pruning.plan_pruning` / `apply_plan`, scores through seqio's Evaluator with
-`evaluation.ModelOutputs` (rank classification) or through `evaluation.evaluate_loss`
-(language modelling, and the answer accuracy of the knowledge tasks). One compiled
+`evaluation.ModelOutputs` (rank classification), through `evaluation.evaluate_loss`
+(language modelling, and the answer accuracy of the knowledge tasks) or through
+`study.recall_judge` (the property tasks: recall the fact, then judge it). One compiled
 scorer per expert count serves every model scored. It also knows each stage's settings
 (its key) and an estimate of its cost (for progress and the ETA).
 
@@ -40,6 +41,8 @@ from uncurl_jax.model import partitioning
 from uncurl_jax.model import router as router_lib
 from uncurl_jax.pruning import features
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import recall_judge
+from uncurl_jax.tasks import facts as fact_tasks
 from uncurl_jax.tasks import metrics as metrics_lib
 from uncurl_jax.train import checkpoints
 from uncurl_jax.train import evaluation
@@ -359,9 +362,9 @@ class StageWork:
     metrics = scorer(scored, params)
     if scored is not config:
       metrics[f"{metric}_at_capacity"] = scorer(config, params)[metric]
-    if metric == "accuracy" and (isinstance(scorer, LossScorer) or scorer.ranks):
+    if metric == "accuracy" and scorer.has_items:
       # Per-item scores in the score's unit: 0 or 100 (%) per scored token (or example of a
-      # rank-classification task).
+      # rank-classification or recall-then-judge task).
       np.save(os.path.join(directory, ITEMS_FILE), 100.0 * scorer.items(scored, params))
     if metric not in metrics:
       raise ValueError(f"metric {metric!r} is not among the metrics {sorted(metrics)} of "
@@ -394,6 +397,10 @@ class StageWork:
             task=task.name, task_feature_lengths=lengths, pack=cfg.finetune.pack,
             batch_size=cfg.eval_batch_size, max_batches=cfg.eval_batches,
             mesh=cfg.runtime.mesh)
+      elif task.eval_task in fact_tasks.RECALL_JUDGE_TASKS:
+        self._scorers[task] = recall_judge.RecallJudgeScorer(
+            eval_task=task.eval_task, task_feature_lengths=lengths,
+            batch_size=cfg.eval_batch_size, mesh=cfg.runtime.mesh)
       else:
         self._scorers[task] = TaskScorer(
             eval_task=task.eval_task, task_feature_lengths=lengths,
@@ -444,6 +451,11 @@ class TaskScorer:
     return self._outputs[config]
 
   @property
+  def has_items(self) -> bool:
+    """Whether its accuracy has per-example items (rank classification)."""
+    return self.ranks
+
+  @property
   def ranks(self) -> bool:
     """Whether the task is scored by rank classification (seqio's contract: every row
     has 'idx' = [example, option] and 'is_correct'), so its accuracy has per-example items."""
@@ -485,6 +497,8 @@ class LossScorer:
     ...                     pack=True, batch_size=32, max_batches=8, mesh=mesh)
     >>> scorer(config, params)         # {'accuracy': 61.2, 'cross_entropy': 1.21, ...}
   """
+
+  has_items = True  # its accuracy's items: the scored tokens
 
   def __init__(self, *, task: str, task_feature_lengths: Mapping[str, int], pack: bool,
                batch_size: int, max_batches: int | None, mesh: jax.sharding.Mesh):

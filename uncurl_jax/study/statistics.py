@@ -52,6 +52,7 @@ import numpy as np
 import scipy.stats
 
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import arms
 from uncurl_jax.study.rows import ResultRow
 
 ALPHA = 0.05  # two-sided level of the intervals and tests: 95% intervals
@@ -219,6 +220,41 @@ def summarize(rows: Sequence[ResultRow], *, before_finetune: bool = False
   return {key: mean_se(v) for key, v in values.items()}
 
 
+def paired_contrast(rows: Sequence[ResultRow], weights: Mapping[str, float], *, task: str,
+                    items: Mapping[tuple[str, str, int], np.ndarray] | None = None,
+                    phase: str = "finetuned", offset: float = 0.0) -> Estimate | None:
+  """sum(weight * score of model) + offset on `task`, paired by seed (None if the models
+  share no seed); `paired_difference` is the contrast {model: 1, reference: -1}. With one
+  shared seed and per-item scores of every model, the standard error is that of the
+  per-item contrast (unit 'items'), as in `paired_difference`.
+
+  Example (progressive dropping against 99.3 % of the source's benefit over dense):
+    >>> paired_contrast(rows, {"32->8 progressive_dropping": 1.0, "+32e": -0.993,
+    ...                        "dense": -0.007}, task="facts_property")
+    Estimate(mean=-2.1, se=0.6, n=5, unit='seeds')
+  """
+  by_seed = {}
+  for r in rows:
+    score = _phase_score(r, phase)
+    if r.task == task and score is not None:
+      by_seed[(r.model, r.seed)] = score
+  seeds = sorted(set.intersection(*[{s for (m, s) in by_seed if m == model}
+                                    for model in weights]))
+  if not seeds:
+    return None
+  values = [sum(w * by_seed[(m, s)] for m, w in weights.items()) + offset for s in seeds]
+  if len(seeds) > 1 or items is None:
+    return mean_se(values)
+  arrays = [items.get((task, model, seeds[0])) for model in weights]
+  if any(a is None for a in arrays) or len({len(a) for a in arrays}) != 1:
+    return mean_se(values)
+  per_item = sum(w * np.asarray(a, np.float64) for w, a in zip(weights.values(), arrays))
+  item_estimate = mean_se(per_item + offset, "items")
+  if abs(item_estimate.mean - values[0]) > 1e-3 * max(1.0, abs(values[0])):
+    return mean_se(values)
+  return dataclasses.replace(item_estimate, mean=values[0], n=len(per_item))
+
+
 def paired_difference(rows: Sequence[ResultRow], model: str, reference: str, *, task: str,
                       items: Mapping[tuple[str, str, int], np.ndarray] | None = None,
                       phase: str = "finetuned") -> Estimate | None:
@@ -239,25 +275,8 @@ def paired_difference(rows: Sequence[ResultRow], model: str, reference: str, *, 
     >>> paired_difference(rows, "32->8 uncurl (reinit)", "+8e", task="rte", phase="one_shot")
     Estimate(mean=-8.2, se=1.1, n=5, unit='seeds')
   """
-  by_seed = {}
-  for r in rows:
-    score = _phase_score(r, phase)
-    if r.task == task and score is not None:
-      by_seed[(r.model, r.seed)] = score
-  seeds = sorted({s for (m, s) in by_seed if m == model} & {s for (m, s) in by_seed
-                                                            if m == reference})
-  if not seeds:
-    return None
-  differences = [by_seed[(model, s)] - by_seed[(reference, s)] for s in seeds]
-  if len(seeds) > 1 or items is None:
-    return mean_se(differences)
-  a, b = items.get((task, model, seeds[0])), items.get((task, reference, seeds[0]))
-  if a is None or b is None or len(a) != len(b):
-    return mean_se(differences)
-  item_estimate = mean_se(np.asarray(a, np.float64) - np.asarray(b, np.float64), "items")
-  if abs(item_estimate.mean - differences[0]) > 1e-3 * max(1.0, abs(differences[0])):
-    return mean_se(differences)
-  return dataclasses.replace(item_estimate, mean=differences[0], n=len(a))
+  return paired_contrast(rows, {model: 1.0, reference: -1.0}, task=task, items=items,
+                         phase=phase)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,7 +386,10 @@ def findings(rows: Sequence[ResultRow], *, pairs: Sequence[tuple[int, int]],
   frequency and frequency_merge row of that pair (any router; Holm over them); 4. the
   threshold, one finding per source E whose pairs sweep at least two factors (one
   'cannot tell' when none does). 2-4 come once for the paper's variant and once for the
-  best. The verdict rules are in the module docstring.
+  best. After finetuning, where the study ran them, the claims of the two methods built
+  around finetuning (`_literature`): 5. progressive dropping keeps 99.3 % of the source's
+  benefit over dense; 6. router-norm pruning preserves the finetuned source's accuracy
+  (within 1 point). The verdict rules are in the module docstring.
 
   Args:
     rows: Results (several tasks, models, seeds).
@@ -433,6 +455,67 @@ def findings(rows: Sequence[ResultRow], *, pairs: Sequence[tuple[int, int]],
                             variant=kind, **fields))
       out += _threshold(rows, task, phase, pairs, diff, better=better, worse=worse,
                         lower_is_better=lower_is_better, alpha=alpha)
+      if phase == "finetuned":
+        out += _literature(rows, task, pairs, phase_items, better=better, alpha=alpha)
+  return out
+
+
+# The headline claims of the two methods of the literature built around finetuning.
+DROPPING_KEPT = 0.993  # Chen et al. 2022: dropping to one expert keeps 99.3 % of the benefit
+ROUTER_NORM_MARGIN = 1.0  # points: "preserves the finetuned model's accuracy" (Chowdhury
+#                           et al. 2024), taken as: within 1 point of it
+
+
+def _prunes_by_router_change(method: str) -> bool:
+  """Whether `method` is a registered pruning method that needs the pretrained router
+  besides the finetuned one (router-norm pruning)."""
+  return method in pruning_methods.names() and pruning_methods.get(method).needs_pretrained
+
+
+def _literature(rows: Sequence[ResultRow], task: str, pairs: Sequence[tuple[int, int]],
+                items, *, better: str, alpha: float) -> list[Finding]:
+  """The claims of progressive dropping and router-norm pruning, after finetuning.
+
+  Progressive dropping (per source E, at the smallest D it was run to; the paper drops to
+  one expert): its score minus (dense + 0.993 * (+E e - dense)) is called above 0 (holds)
+  or below (does not hold). Router-norm pruning (at the first pair with a router_norm row):
+  its score minus (+E e - 1 point) is called above 0 (holds: it is within a point of the
+  finetuned source, or better) or below (does not hold)."""
+  out, tag = [], f"[{task}, {PHASE_NAMES['finetuned']}]"
+  fields = dict(task=task, phase="finetuned")
+  present = {r.model: r for r in rows if r.task == task and r.kind == "pruned"}
+  for source in dict.fromkeys(e for e, _ in pairs):
+    dropped = sorted((r.num_experts, label) for label, r in present.items()
+                     if r.method == arms.PROGRESSIVE_DROPPING and r.source_experts == source)
+    if not dropped:
+      continue
+    size, label = dropped[0]
+    claim = (f"{tag} progressive dropping {source}->{size} keeps {100 * DROPPING_KEPT:.1f}% "
+             f"of the {source}-expert model's benefit over dense (Chen et al. 2022, who drop "
+             "to one expert)")
+    target = (f"(dense + {DROPPING_KEPT:g} x ({_reference(source)} - dense))")
+    estimate = paired_contrast(rows, {label: 1.0, _reference(source): -DROPPING_KEPT,
+                                      "dense": -(1.0 - DROPPING_KEPT)}, task=task,
+                               items=items)
+    out.append(_judge(claim, [None if estimate is None else (label, target, estimate)],
+                      better, alpha, **fields))
+  for source, size in pairs:
+    labels = [label for label, r in present.items() if _prunes_by_router_change(r.method)
+              and (r.source_experts, r.num_experts) == (source, size)]
+    if not labels:
+      continue
+    claim = (f"{tag} router-norm pruning {source}->{size} preserves the finetuned "
+             f"{source}-expert model's accuracy (within {ROUTER_NORM_MARGIN:g} point; "
+             "Chowdhury et al. 2024)")
+    comparisons = []
+    for label in labels:
+      margin = ROUTER_NORM_MARGIN if better == "+" else -ROUTER_NORM_MARGIN  # a loss: +1
+      estimate = paired_contrast(rows, {label: 1.0, _reference(source): -1.0}, task=task,
+                                 items=items, offset=margin)
+      target = f"({_reference(source)} {'-' if margin > 0 else '+'} {ROUTER_NORM_MARGIN:g})"
+      comparisons.append(None if estimate is None else (label, target, estimate))
+    out.append(_judge(claim, comparisons, better, alpha, **fields))
+    break
   return out
 
 

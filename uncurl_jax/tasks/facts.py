@@ -69,9 +69,44 @@ TRUTH_WORLDS = {
     "facts_truth_b": dataclasses.replace(DEFAULT_WORLD, task_topics=tuple(range(16, 24)),
                                          finetune_fraction=0.3),
 }
+# The property tasks learned in finetuning (docs/data.md, "Property judgement"; the search
+# of docs/study.md): the default world's facts (same pretraining), 12 topics each, disjoint
+# from facts_task's and from each other's. "Is the fact's value one of its topic's
+# `yes_values`?", answered after the model recalls the value ("subject topic value ?" ->
+# yes / no, trained with the true value, as a chain of thought); finetuned on 30% of the
+# topics' subjects (1,296 judgements) mixed one to one with the pretraining facts replayed
+# (`facts_pretrain`: finetuning without them erases the facts the judgement rests on),
+# 24 subjects per topic (288) are the development split, 228 per topic (2,736) are scored.
+PROPERTY_WORLDS = {
+    "facts_property": dataclasses.replace(DEFAULT_WORLD, task_topics=tuple(range(8, 20)),
+                                          finetune_fraction=0.3),
+    "facts_property_b": dataclasses.replace(DEFAULT_WORLD, task_topics=tuple(range(20, 32)),
+                                            finetune_fraction=0.3),
+}
 _SPLITS = {"train": {"pretrain": "pretrain", "task": "task_finetune",
-                     "task_dev": "task_finetune"},
-           "validation": {"pretrain": "pretrain", "task": "task_eval", "task_dev": "task_dev"}}
+                     "task_dev": "task_finetune", "replay": "replay"},
+           "validation": {"pretrain": "pretrain", "task": "task_eval", "task_dev": "task_dev",
+                          "replay": "replay"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallJudge:
+  """How a recall-then-judge eval task is scored (`study.recall_judge`): each validation row
+  is a judgement with the true value shown (inputs "subject topic value ?", target yes or
+  no); the model first recalls the value greedily from the prompt before it, then its
+  judgement of "subject topic <recalled> ?" is the larger of its `answers` logits.
+
+  Attributes:
+    value_position: Index of the value in the inputs (the prompt's length).
+    answers: Token ids of the two answers (yes, no).
+  """
+
+  value_position: int
+  answers: tuple[int, int]
+
+
+# {eval task name: RecallJudge}, filled by `register_property_task`.
+RECALL_JUDGE_TASKS: dict[str, RecallJudge] = {}
 
 
 def fact_dataset(split: str, shuffle_files: bool, seed: int | None = None, *,
@@ -202,10 +237,64 @@ def register_truth_task(name: str, world: facts.FactWorld, kind: str = "truth") 
   return names
 
 
+def register_facts(name: str, world: facts.FactWorld, part: str) -> str:
+  """Registers `name`: the facts of one of `world`'s parts ("pretrain" or "replay", whose
+  content does not depend on the split) in the pretraining format, in both splits.
+
+  Example:
+    >>> register_facts("facts_unscored", PROPERTY_WORLDS["facts_property"], "replay")
+  """
+  if part not in ("pretrain", "replay"):
+    raise ValueError(f"register_facts registers the 'pretrain' or 'replay' facts, got {part!r}")
+  source = seqio.FunctionDataSource(
+      functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
+      num_input_examples={split: len(world.facts(part)) for split in _SPLITS})
+  vocab.add_task(name, source=source, output_features=_features(world),
+                 preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
+  return name
+
+
+def register_property_task(name: str, world: facts.FactWorld, replay: str) -> list[str]:
+  """Registers a property task learned in finetuning and scored after recall (module
+  docstring): the judgement tasks of `register_truth_task(name, world,
+  "property:recalled")`, the recall-then-judge eval tasks `<name>_recall_judge` (held-out)
+  and `<name>_dev_recall_judge` (development; `RECALL_JUDGE_TASKS`), and the finetuning
+  mixture `<name>_replay`: the judgements and the task (or mixture) `replay`, the
+  pretraining data replayed, one to one; returns their names.
+
+  Example:
+    >>> register_property_task("property_small", facts.FactWorld(
+    ...     num_topics=4, subjects_per_topic=40, task_topics=(1,), dev_fraction=0.2),
+    ...     replay="small_world_pretrain")[-3:]
+    ['property_small_recall_judge', 'property_small_dev_recall_judge', 'property_small_replay']
+  """
+  if world.dev_fraction <= 0:
+    raise ValueError(f"register_property_task({name!r}) needs a world with a development "
+                     f"split (dev_fraction > 0), got {world.dev_fraction}")
+  names = register_truth_task(name, world, kind="property:recalled")
+  spec = RecallJudge(value_position=len(world.prompt),
+                     answers=(world.truth_token("yes"), world.truth_token("no")))
+  for suffix, part in (("", "task"), ("_dev", "task_dev")):
+    source = seqio.FunctionDataSource(
+        functools.partial(judgement_dataset, world=world, part=part, rank=False,
+                          kind="property:recalled"),
+        splits=tuple(_SPLITS), num_input_examples={
+            split: len(world.facts(mapping[part])) for split, mapping in _SPLITS.items()})
+    vocab.add_task(f"{name}{suffix}_recall_judge", source=source,
+                   output_features=_features(world),
+                   preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
+    RECALL_JUDGE_TASKS[f"{name}{suffix}_recall_judge"] = spec
+    names.append(f"{name}{suffix}_recall_judge")
+  vocab.add_mixture(f"{name}_replay", [(name, 1.0), (replay, 1.0)])
+  return names + [f"{name}_replay"]
+
+
 def register() -> list[str]:
-  """Registers the default world as `facts_pretrain` / `facts_task` / `facts_task_dev`, and
-  the truth tasks of `TRUTH_WORLDS`."""
+  """Registers the default world as `facts_pretrain` / `facts_task` / `facts_task_dev`, the
+  truth tasks of `TRUTH_WORLDS` and the property tasks of `PROPERTY_WORLDS`."""
   names = register_world("facts", DEFAULT_WORLD)
   for name, world in TRUTH_WORLDS.items():
     names += register_truth_task(name, world)
+  for name, world in PROPERTY_WORLDS.items():
+    names += register_property_task(name, world, replay="facts_pretrain")
   return names

@@ -14,6 +14,11 @@ On the default world's facts (same pretraining), topics 8-15 scored as `facts_tr
   pretraining facts (`facts_pretrain`), one to one: finetuning that replays what it must
   not erase.
 
+On the study's property tasks (`facts.PROPERTY_WORLDS`, topics 8-19 and 20-31):
+
+- `<task>_replay_unscored`: the judgements mixed one to one with every fact but the
+  task's development and scored ones (`<task>_unscored_facts`), instead of every fact.
+
 On a world with untyped answers (`UNTYPED_WORLD`: the default world's subjects, topics
 and split, but every topic answers from the same 16 value tokens; its own pretraining,
 `facts_untyped_pretrain`):
@@ -45,6 +50,13 @@ def register() -> list[str]:
   vocab.add_mixture("facts_property_recalled_replay",
                     [("facts_property_recalled", 1.0), ("facts_pretrain", 1.0)])
   names.append("facts_property_recalled_replay")
+  # The study's property tasks, replaying every fact but their development and scored
+  # ones (the world's "replay" split), so that the scored facts stay seen in pretraining
+  # only; `<task>_replay` replays every fact.
+  for task, world in facts.PROPERTY_WORLDS.items():
+    names.append(facts.register_facts(f"{task}_unscored_facts", world, "replay"))
+    vocab.add_mixture(f"{task}_replay_unscored", [(task, 1.0), (f"{task}_unscored_facts", 1.0)])
+    names.append(f"{task}_replay_unscored")
   names += facts.register_world("facts_untyped", UNTYPED_WORLD)
   for query in ("after", "before"):
     names += facts.register_truth_task(f"facts_untyped_property_{query}", UNTYPED_WORLD,
