@@ -567,9 +567,9 @@ def test_stage_batches_are_read_as_training_reaches_them_and_shared():
   assert reads == list(range(7))
 
 
-def _default_study(tmp_path):
+def _default_study(tmp_path, gin_file="synthetic.gin"):
   try:
-    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", "synthetic.gin")],
+    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", gin_file)],
                          gin_bindings=[f"STAGES_DIR = '{tmp_path}'"])
     config = study_main.register_configurables()["StudyConfig"]()
   finally:
@@ -587,13 +587,7 @@ def _recipes_in_docs(heading: str = "#### The arms' recipes") -> str:
 def test_the_property_plan_is_the_recipe_docs_study_md_states(tmp_path):
   """The docs are claims: property.gin's plan (per task) prints the block docs/study.md
   shows under "The property tasks' recipes", and it finetunes on the replay mixture."""
-  try:
-    study_main.parse_gin(gin_files=[os.path.join("gin", "experiments", "property.gin")],
-                         gin_bindings=[f"STAGES_DIR = '{tmp_path}'"])
-    config = study_main.register_configurables()["StudyConfig"]()
-  finally:
-    gin.clear_config()
-  study = study_lib.Study(config)
+  study = _default_study(tmp_path, "property.gin")
   specs = study.plan()
   assert study_report.recipes_text(study.recipes()).strip("\n") == _recipes_in_docs(
       "#### The property tasks' recipes")

@@ -10,7 +10,9 @@
   `synthetic_tasks_rank`, `synthetic_prefinetune`                     -> `synthetic.py`
 - The world of memorized facts (the study's default, its own token ids):
   `facts_pretrain`, `facts_task` (+ `_dev`), the truth tasks `facts_truth`,
-  `facts_truth_b` (+ `_rank`, `_dev_rank`, `_facts_dev`)               -> `facts.py`
+  `facts_truth_b` (+ `_rank`, `_dev_rank`, `_facts_dev`), the property tasks
+  `facts_property`, `facts_property_b` (+ `_rank`, `_dev_rank`, `_facts_dev`,
+  `_recall_judge`, `_dev_recall_judge`, mixture `_replay`)             -> `facts.py`
 
 The vocabulary is `seqio.ByteVocabulary()` unless $UNCURL_SENTENCEPIECE_MODEL names
 a SentencePiece model; `register_all_tasks(vocabulary)` re-registers every task
