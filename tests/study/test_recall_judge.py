@@ -81,13 +81,16 @@ def test_recall_then_judge_on_known_logits(known):
     assert 0 < out["judged"].mean() < 1
 
 
-def test_the_scorer_equals_a_direct_forward_of_a_real_model():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_the_scorer_equals_a_direct_forward_of_a_real_model(bidirectional):
   """The scorer's outcomes on a real (randomly initialised) MoE decoder equal a plain
   teacher-forced forward: argmax after "subject topic", then the yes / no logits after
-  "subject topic <recalled> ?" and after the true value."""
+  "subject topic <recalled> ?" and after the true value. A prefix-LM model sees its prompt
+  both ways, and the value only where it is part of the prompt (not while recalling it)."""
   w = WORLD
   config = configs.get("tiny", num_layers=2, moe_every=1, d_model=16, d_ff=32, num_heads=2,
-                       max_length=16, vocab_size=w.vocab_size, num_experts=4, dropless=True)
+                       max_length=16, vocab_size=w.vocab_size, num_experts=4, dropless=True,
+                       inputs_bidirectional_attention=bidirectional)
   model = decoder.SMoEDecoder(config)
   tokens = jnp.ones((2, 12), jnp.int32)
   params = model.init(jax.random.PRNGKey(0), tokens, tokens, enable_dropout=False)["params"]
@@ -98,20 +101,30 @@ def test_the_scorer_equals_a_direct_forward_of_a_real_model():
 
   apply = jax.jit(functools.partial(model.apply, enable_dropout=False))
 
-  def forward(sequence):
+  def forward(sequence, prompt_length):
     inputs = np.pad(sequence, ((0, 0), (1, 0)))[:, :-1]
-    return np.asarray(apply({"params": params}, jnp.asarray(inputs), jnp.asarray(sequence)))
+    prefix = {}
+    if bidirectional:  # seqio's prefix-LM marker: the prompt and the first target position
+      prefix["decoder_causal_attention"] = jnp.asarray(
+          np.arange(sequence.shape[1])[None] <= prompt_length, jnp.int32).repeat(
+              len(sequence), 0)
+    return np.asarray(apply({"params": params}, jnp.asarray(inputs), jnp.asarray(sequence),
+                            **prefix))
 
   rows = w.properties("task_eval", "recalled")
   prompt, true = rows["inputs"][:, :2], rows["inputs"][:, 2]
-  recalled = forward(rows["inputs"][:, :3])[:, 2].argmax(-1)  # the value's prediction
+  recalled = forward(rows["inputs"][:, :3], 2)[:, 2].argmax(-1)  # the value's prediction
   yes, no = w.truth_token("yes"), w.truth_token("no")
 
   def judged(value):
     z = forward(np.concatenate([prompt, value[:, None], rows["inputs"][:, 3:],
-                                rows["targets"]], 1))[:, 4]  # the answer's prediction
+                                rows["targets"]], 1), 4)[:, 4]  # the answer's prediction
     return (z[:, yes] >= z[:, no]) == (rows["label"] == 1)
 
+  if bidirectional:  # the prefix changes this model's outputs (so the check is not empty)
+    causal = np.asarray(apply({"params": params}, jnp.asarray(
+        np.pad(rows["inputs"], ((0, 0), (1, 0)))[:, :-1]), jnp.asarray(rows["inputs"])))
+    assert np.abs(causal[:, 2] - forward(rows["inputs"], 4)[:, 2]).max() > 1e-4
   np.testing.assert_array_equal(items, judged(recalled).astype(np.float64))
   assert metrics["accuracy"] == pytest.approx(100 * judged(recalled).mean())
   assert metrics["recall"] == pytest.approx(100 * (recalled == true).mean())

@@ -383,9 +383,15 @@ def test_router_norm_is_judged_within_a_point_of_the_finetuned_source(offset, ve
 
 
 def test_paired_contrast_equals_the_difference_and_uses_items_with_one_seed():
-  rows = _study({"+32e": 3.0 + Z, "+8e": 1.0})
-  assert statistics.paired_contrast(rows, {"+32e": 1.0, "+8e": -1.0}, task="t") == (
-      statistics.paired_difference(rows, "+32e", "+8e", task="t"))
+  rows = _study({"+32e": 3.0 + Z, "+8e": 1.0, "dense": -1.0 - Z})
+  by_hand = statistics.mean_se(2.0 + Z)  # +32e - +8e per seed
+  assert statistics.paired_contrast(rows, {"+32e": 1.0, "+8e": -1.0}, task="t") == by_hand
+  assert statistics.paired_difference(rows, "+32e", "+8e", task="t") == by_hand
+  assert statistics.paired_difference(rows, "+8e", "+8e", task="t").mean == 0.0
+  # 0.5 x +32e + 0.5 x dense - +8e + 1 = (1.5 + 0.5 Z) + (-0.5 - 0.5 Z) - 1 + 1 = 1 per seed
+  weighted = statistics.paired_contrast(rows, {"+32e": 0.5, "dense": 0.5, "+8e": -1.0},
+                                        task="t", offset=1.0)
+  assert weighted.mean == pytest.approx(1.0) and weighted.se == pytest.approx(0.0, abs=1e-9)
   items = {("t", "+32e", 0): np.array([100.0, 0.0, 100.0, 100.0]),
            ("t", "+8e", 0): np.array([0.0, 0.0, 100.0, 100.0])}
   one = [ResultRow("t", "scratch", 32, score=75.0, seed=0),

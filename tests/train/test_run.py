@@ -257,3 +257,23 @@ def test_a_host_batch_becomes_global_arrays_split_over_the_batch_axes():
     np.testing.assert_array_equal(np.asarray(got[name]), value)
     assert [s.index for s in got[name].addressable_shards] == [
         s.index for s in expected.addressable_shards]
+
+
+def test_mixture_rates_say_what_a_mixture_mixes_without_reading_data():
+  """A mixture's composition (the study's stage keys): numbers, nested mixtures, and rate
+  functions by name (none of them is called); a task has none."""
+  from uncurl_jax.tasks import vocab  # pylint: disable=import-outside-toplevel
+  vocab.add_mixture("rates_test_inner", [("facts_task", 1.0), ("facts_pretrain", 3.0)])
+  called = []
+
+  def by_size(task):
+    called.append(task)
+    return 1.0
+  vocab.add_mixture("rates_test", [("rates_test_inner", 2.0), ("facts_task_dev", by_size)])
+  rates = pipeline.mixture_rates("rates_test")
+  assert rates == {
+      "rates_test_inner": {"rate": 2.0, "mixes": {"facts_task": 1.0, "facts_pretrain": 3.0}},
+      "facts_task_dev": f"{__name__}.test_mixture_rates_say_what_a_mixture_mixes_without_"
+                        "reading_data.<locals>.by_size"}
+  assert not called
+  assert pipeline.mixture_rates("facts_task") is None

@@ -70,9 +70,10 @@ def check_task(name: object, what: str = "MIXTURE_OR_TASK_NAME") -> str:
   return name
 
 
-def mixture_rates(name: str) -> dict[str, float] | None:
-  """{task: rate} of a registered seqio mixture (its tasks, nested mixtures flattened), or
-  None for a task: what a mixture mixes, which its name alone does not say.
+def mixture_rates(name: str) -> dict[str, object] | None:
+  """What a registered seqio mixture mixes, which its name alone does not say: {task or
+  sub-mixture: its rate}, a number, or for a rate function (e.g. rates by example count)
+  the function's name, so that nothing is read; sub-mixtures nest. None for a task.
 
   Example:
     >>> mixture_rates("facts_property_replay")
@@ -81,7 +82,19 @@ def mixture_rates(name: str) -> dict[str, float] | None:
   provider = seqio.get_mixture_or_task(name)
   if not isinstance(provider, seqio.Mixture):
     return None
-  return {task.name: float(provider.get_rate(task)) for task in provider.tasks}
+
+  def described(rate):
+    if not callable(rate):
+      return float(rate)
+    function = getattr(rate, "func", rate)  # functools.partial
+    keywords = getattr(rate, "keywords", None)
+    text = f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', rate)}"
+    return text + (f"({sorted(keywords.items())})" if keywords else "")
+
+  rates = {task: described(rate) for task, rate in provider.rate_per_task_name.items()}
+  for mixture in getattr(provider, "_sub_mixtures", ()):  # its rate is under its name
+    rates[mixture.name] = {"rate": rates.get(mixture.name), "mixes": mixture_rates(mixture.name)}
+  return rates
 
 
 def model_length(task_feature_lengths: Mapping[str, int]) -> int:

@@ -83,7 +83,9 @@ def recall_then_judge(params: Any, batch: Mapping[str, jax.Array], *, apply_fn: 
 
 class RecallJudgeScorer:
   """Recall-then-judge metrics (%) and per-item scores of models on a registered eval task
-  (`tasks.facts.RECALL_JUDGE_TASKS`), one compiled function per model config.
+  (`tasks.facts.RECALL_JUDGE_TASKS`), one compiled function per model config. It scores
+  every row of the task's validation split (the study's `eval_batches` and
+  `eval_num_examples` do not apply: the tasks are small).
 
   Args:
     eval_task: A recall-then-judge eval task (e.g. 'facts_property_recall_judge').
@@ -116,12 +118,15 @@ class RecallJudgeScorer:
         raise ValueError(f"{eval_task!r} has rows whose answer is not one of its answers "
                          f"{self._spec.answers}: {sorted(set(answers.tolist()))[:8]}")
     self._fns: dict[configs.ModelConfig, Callable] = {}
-    self._last: tuple[Any, Any, dict[str, np.ndarray]] | None = None
+    # The last two models' outcomes (a score at capacity comes between the dropless score
+    # and its items): [(config, params, outcomes)].
+    self._recent: list[tuple[Any, Any, dict[str, np.ndarray]]] = []
 
   def outcomes(self, config: configs.ModelConfig, params: Any) -> dict[str, np.ndarray]:
     """{outcome: [items] bool} for every scored row, in the task's order (`OUTCOMES`)."""
-    if self._last is not None and self._last[0] == config and self._last[1] is params:
-      return self._last[2]
+    for seen, seen_params, result in self._recent:
+      if seen == config and seen_params is params:
+        return result
     if config not in self._fns:
       self._fns[config] = jax.jit(functools.partial(
           recall_then_judge, apply_fn=decoder.SMoEDecoder(config).apply,
@@ -135,7 +140,7 @@ class RecallJudgeScorer:
       for name in OUTCOMES:
         found[name].append(np.asarray(out[name])[scored])
     result = {name: np.concatenate(parts) for name, parts in found.items()}
-    self._last = (config, params, result)
+    self._recent = self._recent[-1:] + [(config, params, result)]
     return result
 
   def __call__(self, config: configs.ModelConfig, params: Any) -> dict[str, float]:

@@ -275,8 +275,9 @@ def paired_difference(rows: Sequence[ResultRow], model: str, reference: str, *, 
     >>> paired_difference(rows, "32->8 uncurl (reinit)", "+8e", task="rte", phase="one_shot")
     Estimate(mean=-8.2, se=1.1, n=5, unit='seeds')
   """
-  return paired_contrast(rows, {model: 1.0, reference: -1.0}, task=task, items=items,
-                         phase=phase)
+  weights = {model: 1.0}
+  weights[reference] = weights.get(reference, 0.0) - 1.0  # a model against itself: 0
+  return paired_contrast(rows, weights, task=task, items=items, phase=phase)
 
 
 @dataclasses.dataclass(frozen=True)
