@@ -147,8 +147,8 @@ class StageGraph:
            "data_offset": data_offset}
     # A mixture's composition: a mixture re-registered under its name with other tasks or
     # rates trains another model (a task is known by its name).
-    rates = None if (settings.mixture_or_task_name or task) is None else \
-        pipeline.mixture_rates(settings.mixture_or_task_name or task)
+    data = settings.mixture_or_task_name or task
+    rates = None if data is None else pipeline.mixture_rates(data)
     if rates is not None:
       key["mixture"] = rates
     # A trainer per (model shape, settings, procedure), as `training.StageTrainer` keeps

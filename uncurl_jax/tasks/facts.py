@@ -133,6 +133,31 @@ def _features(world: facts.FactWorld) -> dict[str, seqio.Feature]:
           for name in ("inputs", "targets")}
 
 
+def _facts_source(world: facts.FactWorld, part: str) -> seqio.FunctionDataSource:
+  """The facts of a world's `part` (a key of `_SPLITS`' mappings), per split."""
+  return seqio.FunctionDataSource(
+      functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
+      num_input_examples={split: len(world.facts(mapping[part]))
+                          for split, mapping in _SPLITS.items()})
+
+
+def _judgement_source(world: facts.FactWorld, part: str, rank: bool,
+                      kind: str) -> seqio.FunctionDataSource:
+  """The judgements (`judgement_dataset`) of a world's `part`, per split."""
+  rows = (2 if kind == "truth" else 1) * (2 if rank else 1)  # per fact
+  return seqio.FunctionDataSource(
+      functools.partial(judgement_dataset, world=world, part=part, rank=rank, kind=kind),
+      splits=tuple(_SPLITS), num_input_examples={
+          split: rows * len(world.facts(mapping[part])) for split, mapping in _SPLITS.items()})
+
+
+def _add_task(name: str, world: facts.FactWorld, source: seqio.DataSource, **kwargs) -> str:
+  vocab.add_task(name, source=source, output_features=_features(world),
+                 preprocessors=[seqio.preprocessors.append_eos_after_trim],
+                 **{"metric_fns": [], **kwargs})
+  return name
+
+
 def register_world(name: str, world: facts.FactWorld) -> list[str]:
   """Registers `<name>_pretrain`, `<name>_task` and, if the world has a development split,
   `<name>_task_dev` over `world`; returns their names.
@@ -145,14 +170,7 @@ def register_world(name: str, world: facts.FactWorld) -> list[str]:
   names = []
   parts = ("pretrain", "task") + (("task_dev",) if world.dev_fraction > 0 else ())
   for part in parts:
-    sizes = {split: world.num_facts if part == "pretrain" else len(world.facts(mapping[part]))
-             for split, mapping in _SPLITS.items()}
-    source = seqio.FunctionDataSource(
-        functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
-        num_input_examples=sizes)
-    vocab.add_task(f"{name}_{part}", source=source, output_features=_features(world),
-                   preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
-    names.append(f"{name}_{part}")
+    names.append(_add_task(f"{name}_{part}", world, _facts_source(world, part)))
   return names
 
 
@@ -204,36 +222,19 @@ def register_truth_task(name: str, world: facts.FactWorld, kind: str = "truth") 
     ...     num_topics=4, subjects_per_topic=40, task_topics=(1,), dev_fraction=0.2))
     ['truth_small', 'truth_small_rank', 'truth_small_dev_rank', 'truth_small_facts_dev']
   """
-  features = _features(world)
   if kind != "truth" and (not kind.startswith("property:")
                           or kind.split(":", 1)[1] not in facts.PROPERTY_QUERIES):
     raise ValueError(f"unknown judgement kind {kind!r}; expected 'truth' or "
                      f"'property:<query position>' with a position in {facts.PROPERTY_QUERIES}")
-  per_fact = 2 if kind == "truth" else 1
-  size = lambda part: {split: per_fact * len(world.facts(mapping[part]))
-                       for split, mapping in _SPLITS.items()}
-  source = lambda part, rank: seqio.FunctionDataSource(
-      functools.partial(judgement_dataset, world=world, part=part, rank=rank, kind=kind),
-      splits=tuple(_SPLITS), num_input_examples={
-          split: n * (2 if rank else 1) for split, n in size(part).items()})
-  preprocessors = [seqio.preprocessors.append_eos_after_trim]
-  vocab.add_task(name, source=source("task", False), output_features=features,
-                 preprocessors=preprocessors, metric_fns=[])
-  names = [name]
+  names = [_add_task(name, world, _judgement_source(world, "task", False, kind))]
   parts = [("", "task")] + ([("_dev", "task_dev")] if world.dev_fraction > 0 else [])
   for suffix, part in parts:
-    vocab.add_task(f"{name}{suffix}_rank", source=source(part, True), output_features=features,
-                   preprocessors=preprocessors, postprocess_fn=metrics.rank_target,
-                   metric_fns=[metrics.rank_accuracy])
-    names.append(f"{name}{suffix}_rank")
+    names.append(_add_task(f"{name}{suffix}_rank", world,
+                           _judgement_source(world, part, True, kind),
+                           postprocess_fn=metrics.rank_target,
+                           metric_fns=[metrics.rank_accuracy]))
   if world.dev_fraction > 0:
-    dev_facts = seqio.FunctionDataSource(
-        functools.partial(fact_dataset, world=world, part="task_dev"), splits=tuple(_SPLITS),
-        num_input_examples={split: len(world.facts(mapping["task_dev"]))
-                            for split, mapping in _SPLITS.items()})
-    vocab.add_task(f"{name}_facts_dev", source=dev_facts, output_features=features,
-                   preprocessors=preprocessors, metric_fns=[])
-    names.append(f"{name}_facts_dev")
+    names.append(_add_task(f"{name}_facts_dev", world, _facts_source(world, "task_dev")))
   return names
 
 
@@ -246,12 +247,7 @@ def register_facts(name: str, world: facts.FactWorld, part: str) -> str:
   """
   if part not in ("pretrain", "replay"):
     raise ValueError(f"register_facts registers the 'pretrain' or 'replay' facts, got {part!r}")
-  source = seqio.FunctionDataSource(
-      functools.partial(fact_dataset, world=world, part=part), splits=tuple(_SPLITS),
-      num_input_examples={split: len(world.facts(part)) for split in _SPLITS})
-  vocab.add_task(name, source=source, output_features=_features(world),
-                 preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
-  return name
+  return _add_task(name, world, _facts_source(world, part))
 
 
 def register_property_task(name: str, world: facts.FactWorld, replay: str) -> list[str]:
@@ -275,16 +271,9 @@ def register_property_task(name: str, world: facts.FactWorld, replay: str) -> li
   spec = RecallJudge(value_position=len(world.prompt),
                      answers=(world.truth_token("yes"), world.truth_token("no")))
   for suffix, part in (("", "task"), ("_dev", "task_dev")):
-    source = seqio.FunctionDataSource(
-        functools.partial(judgement_dataset, world=world, part=part, rank=False,
-                          kind="property:recalled"),
-        splits=tuple(_SPLITS), num_input_examples={
-            split: len(world.facts(mapping[part])) for split, mapping in _SPLITS.items()})
-    vocab.add_task(f"{name}{suffix}_recall_judge", source=source,
-                   output_features=_features(world),
-                   preprocessors=[seqio.preprocessors.append_eos_after_trim], metric_fns=[])
-    RECALL_JUDGE_TASKS[f"{name}{suffix}_recall_judge"] = spec
-    names.append(f"{name}{suffix}_recall_judge")
+    names.append(_add_task(f"{name}{suffix}_recall_judge", world,
+                           _judgement_source(world, part, False, "property:recalled")))
+    RECALL_JUDGE_TASKS[names[-1]] = spec
   vocab.add_mixture(f"{name}_replay", [(name, 1.0), (replay, 1.0)])
   return names + [f"{name}_replay"]
 
