@@ -492,11 +492,21 @@ def test_experiment_gin_files_make_valid_study_configs(gin_file):
   names = {m.method for m in config.methods}
   if gin_file == "truth_search.gin":  # scored on a development split, references decide
     assert config.tasks[0].eval_task == "facts_truth_dev_rank" and "oracle" not in names
-  elif gin_file == "property.gin":  # docs/study.md, "The property tasks"
-    assert [(t.name, t.eval_task) for t in config.tasks] == [
-        ("facts_property", "facts_property_recall_judge"),
-        ("facts_property_b", "facts_property_b_recall_judge")]
-    for task in config.tasks:
+  elif gin_file in ("property.gin", "full.gin"):  # docs/study.md, "The property tasks"
+    property_tasks = [("facts_property", "facts_property_recall_judge"),
+                      ("facts_property_b", "facts_property_b_recall_judge")]
+    if gin_file == "full.gin":  # every task, 2x-16x, every method of the default but mc_smoe
+      assert [(t.name, t.eval_task) for t in config.tasks] == [("facts_task", None),
+                                                               *property_tasks]
+      assert config.pairs == ((32, 16), (32, 8), (32, 4), (32, 2))
+      assert config.seeds == (0, 1, 2, 3, 4)
+      facts_task = config.tasks[0]
+      assert config.finetune_settings(facts_task) == config.finetune
+      assert config.finetune.steps == 110 and config.dev_tasks["facts_task"] == "facts_task_dev"
+      assert len(config.methods) == 15
+    else:
+      assert [(t.name, t.eval_task) for t in config.tasks] == property_tasks
+    for task in config.tasks[-2:]:
       settings = config.finetune_settings(task)
       assert settings.mixture_or_task_name == f"{task.name}_replay"
       assert (settings.steps, settings.learning_rate, settings.router_warmup_steps) == (
@@ -596,6 +606,32 @@ def test_the_property_plan_is_the_recipe_docs_study_md_states(tmp_path):
       task = spec.config["task"]
       assert spec.config["train"]["mixture_or_task_name"] == f"{task}_replay", spec.name
       assert spec.config["mixture"] == {task: 1.0, "facts_pretrain": 1.0}
+
+
+def _recipe_lines(block: str) -> dict[str, str]:
+  return dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in block.splitlines())
+
+
+def test_the_full_plan_gives_each_task_its_documented_recipe(tmp_path):
+  """The docs are claims: full.gin runs facts_task with the default's recipes and the
+  property tasks with theirs (docs/study.md's two recipe blocks, every arm of them that
+  full.gin runs, at 32 -> 8), and its printed plan lists every task's arms."""
+  study = _default_study(tmp_path, "full.gin")
+  study.plan()
+  recipes = study.recipes()
+  documented = {"facts_task": _recipe_lines(_recipes_in_docs()),
+                "facts_property": _recipe_lines(_recipes_in_docs(
+                    "#### The property tasks' recipes"))}
+  documented["facts_property_b"] = documented["facts_property"]
+  for task, block in documented.items():
+    arms = {label.split(": ", 1)[1]: recipe for label, recipe in recipes.items()
+            if label.startswith(f"{task}: ")}
+    at_4x = {arm for arm in arms if not arm.startswith("32->") or arm.startswith("32->8 ")}
+    assert len(at_4x) == 6 + 15, sorted(at_4x)   # dense, +2e ... +32e; 15 methods at 4x
+    for arm in at_4x & set(block):
+      assert arms[arm] == block[arm], (task, arm)
+    assert {"dense", "+8e", "+32e", "32->8 uncurl (reinit)", "32->8 oracle (bind)",
+            "32->8 progressive_dropping", "32->8 router_norm (anchor)"} <= at_4x & set(block)
 
 
 def test_the_default_plan_is_the_recipe_docs_study_md_states(tmp_path):

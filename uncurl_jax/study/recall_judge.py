@@ -36,6 +36,7 @@ from uncurl_jax.model import configs
 from uncurl_jax.model import decoder
 from uncurl_jax.model import inputs as inputs_lib
 from uncurl_jax.model import partitioning
+from uncurl_jax.study import compiled
 from uncurl_jax.tasks import facts as fact_tasks
 from uncurl_jax.train import evaluation
 
@@ -117,7 +118,7 @@ class RecallJudgeScorer:
       if not np.isin(answers, self._spec.answers).all():
         raise ValueError(f"{eval_task!r} has rows whose answer is not one of its answers "
                          f"{self._spec.answers}: {sorted(set(answers.tolist()))[:8]}")
-    self._fns: dict[configs.ModelConfig, Callable] = {}
+    self._fns: dict[configs.ModelConfig, Callable] = compiled.CompiledCache()
     # The last two models' outcomes (a score at capacity comes between the dropless score
     # and its items): [(config, params, outcomes)].
     self._recent: list[tuple[Any, Any, dict[str, np.ndarray]]] = []

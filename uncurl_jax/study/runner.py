@@ -156,11 +156,17 @@ class Study:
 
   def recipes(self) -> dict[str, str]:
     """{arm: recipe} of the planned rows ("+8e", "32->8 uncurl (reinit)", ...), one per
-    arm (the first task's, seed's)."""
-    out: dict[str, str] = {}
+    arm (the first seed's). Where the tasks' recipes differ (a task with a finetuning of its
+    own, `StudyConfig.task_finetune`), every task's arms are listed, each label prefixed
+    with its task ("facts_property: +8e")."""
+    per_task: dict[str, dict[str, str]] = {}
     for row in self.row_specs:
-      out.setdefault(_arm_label(row), row.recipe)
-    return out
+      per_task.setdefault(row.task.name, {}).setdefault(_arm_label(row), row.recipe)
+    tables = list(per_task.values())
+    if all(table == tables[0] for table in tables[1:]):
+      return dict(tables[0]) if tables else {}
+    return {f"{task}: {arm}": recipe for task, table in per_task.items()
+            for arm, recipe in table.items()}
 
   # ----------------------------------------------------------------------------------------
   # Running.

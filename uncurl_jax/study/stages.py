@@ -41,6 +41,7 @@ from uncurl_jax.model import partitioning
 from uncurl_jax.model import router as router_lib
 from uncurl_jax.pruning import features
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import compiled
 from uncurl_jax.study import recall_judge
 from uncurl_jax.tasks import facts as fact_tasks
 from uncurl_jax.tasks import metrics as metrics_lib
@@ -441,7 +442,8 @@ class TaskScorer:
         mixture_or_task_name=eval_task, task_feature_lengths=dict(task_feature_lengths),
         num_examples=num_examples)
     self._batch_size, self._mesh = batch_size, mesh
-    self._outputs: dict[configs.ModelConfig, evaluation.ModelOutputs] = {}
+    self._outputs: dict[configs.ModelConfig, evaluation.ModelOutputs] = (
+        compiled.CompiledCache())
 
   def _model_outputs(self, config: configs.ModelConfig) -> evaluation.ModelOutputs:
     if config not in self._outputs:
@@ -506,8 +508,8 @@ class LossScorer:
     self._batches = list(pipeline.eval_batches(
         mixture_or_task_name=task, task_feature_lengths=dict(task_feature_lengths),
         batch_size=batch_size, split="validation", pack=pack, max_batches=max_batches))
-    self._steps: dict[configs.ModelConfig, Any] = {}
-    self._correct: dict[configs.ModelConfig, Any] = {}
+    self._steps: dict[configs.ModelConfig, Any] = compiled.CompiledCache()
+    self._correct: dict[configs.ModelConfig, Any] = compiled.CompiledCache()
 
   def __call__(self, config: configs.ModelConfig, params: Any) -> dict[str, float]:
     if config not in self._steps:

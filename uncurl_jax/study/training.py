@@ -27,6 +27,7 @@ from uncurl_jax import model as model_lib
 from uncurl_jax.data import pipeline
 from uncurl_jax.model import configs
 from uncurl_jax.study import cache as cache_lib
+from uncurl_jax.study import compiled
 from uncurl_jax.train import builder
 from uncurl_jax.train import schedules
 
@@ -56,7 +57,7 @@ class StageTrainer:
     self.mesh = mesh
     self._checkpoint_every, self._log_every = checkpoint_every_steps, log_every_steps
     self._max_cached_tokens, self._unit_tokens = max_cached_tokens, unit_tokens
-    self._runs: dict[str, builder.Run] = {}
+    self._runs: dict[str, builder.Run] = compiled.CompiledCache()
     self._batches: dict[str, list] = {}
     self._streams: dict[str, Iterator[dict]] = {}
 
