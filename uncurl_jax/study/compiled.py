@@ -43,7 +43,8 @@ class CompiledCache(collections.OrderedDict):
   def __setitem__(self, key: Any, value: Any) -> None:
     super().__setitem__(key, value)
     self.move_to_end(key)
-    if len(self) > self.maxsize:
-      while len(self) > self.maxsize:
-        self.popitem(last=False)
+    evicted = len(self) > self.maxsize
+    while len(self) > self.maxsize:
+      self.popitem(last=False)
+    if evicted:
       jax.clear_caches()
