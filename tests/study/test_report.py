@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -216,3 +217,72 @@ def test_differences_table_gives_95_percent_intervals_and_finds_frequency_by_met
   assert lines[3].endswith("| -5.00 ± 0.00 (95% CI, seeds 3)- |  |")
   assert lines[5] == ("| rte | 32->8 frequency (bind) | +0.90 ± 0.25 (95% CI, seeds 3)+ | "
                       "-3.00 ± 0.00 (95% CI, seeds 3)- | +2.00 ± 0.00 (95% CI, seeds 3)+ |")
+
+
+def _split_runs(tmp_path):
+  """Five seeds written as two runs that share their references (seeds 0-4 of rte at
+  32 -> 8, then seeds 0-4 at 32 -> 16 with the same dense and 32-expert models)."""
+  shifts = [{"dense": 1.0, "+32e": -0.5, "32->8 uncurl (reinit)": 2.0},
+            {"+8e": 1.5}, {"32->8 frequency (anchor)": -1.0}, {"+32e": 0.5}]
+  rows = [r for r in _seeds(_rows(), shifts) if r.task == "rte"]
+  at_16 = [ResultRow("rte", "scratch", 16, score=64.0 + s, seed=s) for s in range(5)]
+  at_16 += [ResultRow("rte", "pruned", 16, source_experts=32, method="uncurl",
+                      router="reinit", score=65.0 - s, seed=s) for s in range(5)]
+  shared = [r for r in rows if r.model in ("dense", "+32e")]
+  first, second = tmp_path / "a" / "results.csv", tmp_path / "b" / "results.csv"
+  for path, part in ((first, rows), (second, shared + at_16)):
+    path.parent.mkdir()
+    report.write_csv(part, path)
+  return rows + at_16, first, second
+
+
+def test_combine_keeps_each_shared_reference_once(tmp_path):
+  rows, first, second = _split_runs(tmp_path)
+  combined = report.combine([report.read_csv(first), report.read_csv(second)])
+  assert len(combined) == len(rows)  # dense and +32e (5 seeds each) counted once
+  assert sorted((r.model, r.seed) for r in combined) == sorted((r.model, r.seed) for r in rows)
+  dense = statistics.mean_se([r.score for r in combined if r.model == "dense"])
+  assert dense.n == 5
+  assert dense.mean == pytest.approx(np.mean([60.0, 61.0, 60.0, 60.0, 60.0]))
+
+
+def test_combine_refuses_runs_that_disagree_on_a_shared_row(tmp_path):
+  _, first, second = _split_runs(tmp_path)
+  other = [dataclasses.replace(r, score=r.score + 0.25) if (r.model, r.seed) == ("dense", 3)
+           else r for r in report.read_csv(second)]
+  with pytest.raises(ValueError, match=r"rte / dense / seed 3 \(score: \[60.0\] vs \[60.25\]\)"):
+    report.combine([report.read_csv(first), other])
+
+
+def test_report_command_combines_runs_and_writes_the_report(tmp_path, capsys):
+  rows, first, second = _split_runs(tmp_path)
+  out = tmp_path / "combined"
+  report.main(["report", f"--output_dir={out}", str(first), str(second)])
+  printed = capsys.readouterr().out
+  assert printed.startswith(f"{len(rows)} results from 2 files; seeds [0, 1, 2, 3, 4].")
+  written = report.read_csv(out / "results.csv")
+  assert sorted((r.model, r.seed, r.score) for r in written) == sorted(
+      (r.model, r.seed, r.score) for r in rows)
+  text = (out / "results.md").read_text()
+  for section in ("## After finetuning", "## Scores by phase", "## Paired differences",
+                  "## The paper's findings", "## Right after pruning"):
+    assert section in text
+  assert str(first) in text and str(second) in text
+  assert "| 32->16 uncurl (reinit) | 63.00 ± 0.71" in text  # 65 - seed, seeds 0-4
+  for name in ("scores.png", "pruning_factor.png"):
+    _assert_png(out / name)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda tmp: [str(tmp / "missing.csv")], "cannot read .*missing.csv"),
+    (lambda tmp: ["--relative_to=+32e", str(tmp / "a" / "results.csv")],
+     "unrecognized arguments: --relative_to"),
+    (lambda tmp: [], "the following arguments are required: RESULTS_CSV"),
+])
+def test_report_command_bad_input_exits_2_with_a_message(tmp_path, capsys, make_args,
+                                                         message):
+  _split_runs(tmp_path)
+  with pytest.raises(SystemExit) as exit_info:
+    report.main(["report", *make_args(tmp_path)])
+  assert exit_info.value.code == 2
+  assert re.search(message, capsys.readouterr().err)

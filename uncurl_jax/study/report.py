@@ -24,7 +24,9 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import csv
+import dataclasses
 import math
 import os
 import sys
@@ -286,23 +288,130 @@ def router_table(entries: Sequence[Mapping]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str]) -> None:
-  """`python -m uncurl_jax.study.report results.csv ...`: tables and findings over runs.
+def combine(runs: Sequence[Sequence[ResultRow]]) -> list[ResultRow]:
+  """The rows of several runs as one list, each (task, model, seed) once.
 
-  Reads the result files of several runs (e.g. of different seeds, or one multi-seed
-  study) and prints the table (mean ± SE), the paired differences and the findings.
+  Runs split over seeds, factors or tasks share their references (the same dense model,
+  the same source): a row found in several runs is kept once when the runs agree on every
+  field, so no model counts twice in a mean. Runs that disagree on a row (another
+  machine, another recipe) cannot be combined.
+
+  Example:
+    >>> rows = combine([read_csv("outputs/a/results.csv"), read_csv("outputs/b/results.csv")])
+
+  Raises:
+    ValueError: two runs give different results for the same (task, model, seed).
   """
-  paths = argv[1:]
-  if not paths:
-    raise SystemExit("usage: python -m uncurl_jax.study.report RESULTS_CSV [RESULTS_CSV ...]")
-  rows = [row for path in paths for row in read_csv(path)]
-  print(f"{len(rows)} results from {len(paths)} files; seeds "
+  kept: dict[tuple[str, str, int], ResultRow] = {}
+  for run, rows in enumerate(runs):
+    for row in rows:
+      key = (row.task, row.model, row.seed)
+      first = kept.setdefault(key, row)
+      if first is not row and _fields(first) != _fields(row):
+        differing = [f.name for f in dataclasses.fields(row)
+                     if _fields(first)[f.name] != _fields(row)[f.name]]
+        raise ValueError(
+            f"run {run + 1} disagrees with an earlier run on {row.task} / {row.model} / "
+            f"seed {row.seed} ({', '.join(differing)}: {[_fields(first)[n] for n in differing]}"
+            f" vs {[_fields(row)[n] for n in differing]}); only runs that share their "
+            "references exactly (one machine, one recipe) can be combined")
+  return list(kept.values())
+
+
+def _fields(row: ResultRow) -> dict[str, object]:
+  """A row's fields with NaN made comparable (NaN != NaN)."""
+  return {name: ("nan" if isinstance(value, float) and math.isnan(value) else value)
+          for name, value in dataclasses.asdict(row).items()}
+
+
+def scores_note(tasks: str, lower_is_better: bool = False) -> str:
+  """The sentence under a report's title: tasks, direction, how marks and findings are
+  called."""
+  direction = "lower" if lower_is_better else "higher"
+  return (f"Tasks and scores: {tasks}; {direction} is better. Mean ± standard error over "
+          "seeds; a pruned model is marked + / - where the 95% t interval of its paired "
+          "difference to the model of the same size trained from scratch excludes 0 (paper "
+          "Table 2; over seeds, or over the scored items with one seed). The findings correct "
+          "each family of comparisons with Holm's method.")
+
+
+def combined_report(rows: Sequence[ResultRow], sources: Sequence[str], *,
+                    lower_is_better: bool = False) -> str:
+  """The markdown report of rows combined from several runs' results.csv (`combine`):
+  the study's tables, paired differences and findings, over seeds (the per-item errors
+  of a one-seed study are not in results.csv)."""
+  tasks = sorted({r.task for r in rows})
+  metrics = {r.task: r.metric for r in rows}
+  seeds = sorted({r.seed for r in rows})
+  found = statistics.findings(rows, pairs=pairs_of(rows), lower_is_better=lower_is_better)
+  return "\n".join([
+      f"# Combined study (seeds {seeds})", "",
+      scores_note(", ".join(f"{t} ({metrics[t]})" for t in tasks), lower_is_better), "",
+      "Combined from " + ", ".join(f"`{s}`" for s in sources) + f": {len(rows)} results, "
+      "each (task, model, seed) once.", "",
+      "## After finetuning", "", markdown_table(rows, lower_is_better=lower_is_better), "",
+      "## Scores by phase", "", phase_table(rows),
+      "## Paired differences", "", differences_table(rows), "",
+      "## The paper's findings", "", findings_text(found), "",
+      "## Right after pruning (before finetuning)", "",
+      markdown_table(rows, before_finetune=True), ""])
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m uncurl_jax.study.report [--output_dir=DIR] RESULTS_CSV ...`.
+
+  Reads the result files of several runs (e.g. of different seeds, factors or tasks over
+  one machine's stages), combines them (`combine`) and prints the table (mean ± SE), the
+  paired differences and the findings; with --output_dir it also writes results.csv,
+  results.md, scores.png and pruning_factor.png of the combined rows there. Bad input
+  (a missing or malformed file, runs that disagree) exits with code 2 and a message.
+  """
+  parser = argparse.ArgumentParser(
+      prog="python -m uncurl_jax.study.report",
+      description="Tables and findings over several runs' results.csv files.")
+  parser.add_argument("results", nargs="+", metavar="RESULTS_CSV")
+  parser.add_argument("--output_dir", help="also write the combined results.csv, "
+                      "results.md and plots into this directory")
+  parser.add_argument("--lower_is_better", action="store_true",
+                      help="the scores are losses (default: accuracies)")
+  args = parser.parse_args(argv[1:])
+  runs = []
+  for path in args.results:
+    try:
+      runs.append(read_csv(path))
+    except (OSError, KeyError, ValueError) as error:
+      parser.error(f"cannot read {path} as a study's results.csv: {error!r}")
+  try:
+    rows = combine(runs)
+  except ValueError as error:
+    parser.error(str(error))
+  if not rows:
+    parser.error(f"no results in {', '.join(args.results)}")
+  print(f"{len(rows)} results from {len(args.results)} files; seeds "
         f"{sorted({r.seed for r in rows})}.\n")
-  print(markdown_table(rows))
+  print(markdown_table(rows, lower_is_better=args.lower_is_better))
   print("\nPaired differences:\n")
   print(differences_table(rows))
   print("\nFindings:\n")
-  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows))))
+  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows),
+                                          lower_is_better=args.lower_is_better)))
+  if args.output_dir:
+    from uncurl_jax.study import plots  # here: plots imports this module
+    output_dir = os.path.abspath(args.output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    write_csv(rows, os.path.join(output_dir, "results.csv"))
+    text = combined_report(rows, args.results, lower_is_better=args.lower_is_better)
+    _write_text_atomically(os.path.join(output_dir, "results.md"), text)
+    plots.plot_scores(rows, os.path.join(output_dir, "scores.png"))
+    plots.plot_pruning_factor(rows, os.path.join(output_dir, "pruning_factor.png"))
+    print(f"\nWrote results.csv, results.md, scores.png, pruning_factor.png in {output_dir}")
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    f.write(text)
+  os.replace(temporary, path)
 
 
 if __name__ == "__main__":

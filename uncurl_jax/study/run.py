@@ -131,7 +131,6 @@ def _findings(study: runner.Study) -> list[statistics.Finding]:
 
 def _markdown_report(study: runner.Study, table: str) -> str:
   config, rows = study.config, study.rows
-  direction = "lower" if config.lower_is_better else "higher"
   counts: dict[str, int] = {}
   for _, status in study.cache.events:
     counts[status.value] = counts.get(status.value, 0) + 1
@@ -141,11 +140,7 @@ def _markdown_report(study: runner.Study, table: str) -> str:
   found = _findings(study)
   return "\n".join([
       f"# Study '{config.name}' (seeds {list(config.seeds)})", "",
-      f"Tasks and scores: {tasks}; {direction} is better. Mean ± standard error over seeds; "
-      "a pruned model is marked + / - where the 95% t interval of its paired difference to "
-      "the model of the same size trained from scratch excludes 0 (paper Table 2; over "
-      "seeds, or over the scored items with one seed). The findings correct each family "
-      "of comparisons with Holm's method.", "",
+      report.scores_note(tasks, config.lower_is_better), "",
       "## After finetuning", "", table, "",
       "## Scores by phase", "",
       "Before finetuning (a reference after pretraining, a pruned model right after "
