@@ -24,7 +24,7 @@ from uncurl_jax.pruning import methods as pruning_methods
 from uncurl_jax.study import arms
 from uncurl_jax.study import statistics
 from uncurl_jax.study.rows import ResultRow
-from uncurl_jax.study.report import ordered_models
+from uncurl_jax.study.rows import ordered_models
 
 
 # The arms that frame the methods in `plot_pruning_factor`: the floor, then the ceiling.

@@ -35,8 +35,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from uncurl_jax.pruning import methods as pruning_methods
+from uncurl_jax.study import plots
 from uncurl_jax.study import statistics
 from uncurl_jax.study.rows import ResultRow
+from uncurl_jax.study.rows import ordered_models
 from uncurl_jax.study.rows import reference_label
 
 CSV_COLUMNS = ("task", "model", "kind", "method", "router", "source_experts", "num_experts",
@@ -107,20 +109,6 @@ def read_csv(path: str | os.PathLike) -> list[ResultRow]:
         recall=float(r["recall"]) if r.get("recall") else None,
         score_true_value=float(r["score_true_value"]) if r.get("score_true_value") else None))
   return rows
-
-
-def _row_order(row: ResultRow) -> tuple:
-  """References by size (dense first), then pruned rows by source, size, as listed."""
-  if row.kind != "pruned":
-    return (0, row.num_experts, 0)
-  return (1, row.source_experts, row.num_experts)
-
-
-def ordered_models(rows: Sequence[ResultRow]) -> list[str]:
-  first_index = {}
-  for index, row in enumerate(rows):
-    first_index.setdefault(row.model, (_row_order(row), index))
-  return sorted(first_index, key=first_index.get)
 
 
 def markdown_table(rows: Sequence[ResultRow], *, before_finetune: bool = False,
@@ -396,7 +384,6 @@ def main(argv: Sequence[str]) -> None:
   print(findings_text(statistics.findings(rows, pairs=pairs_of(rows),
                                           lower_is_better=args.lower_is_better)))
   if args.output_dir:
-    from uncurl_jax.study import plots  # here: plots imports this module
     output_dir = os.path.abspath(args.output_dir)
     os.makedirs(output_dir, exist_ok=True)
     write_csv(rows, os.path.join(output_dir, "results.csv"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Sequence
 
 KINDS = ("dense", "scratch", "pruned")
 
@@ -89,3 +90,19 @@ def reference_label(row: ResultRow) -> str | None:
   if row.kind != "pruned":
     return None
   return f"+{row.num_experts}e" if row.num_experts else "dense"
+
+
+def _row_order(row: ResultRow) -> tuple:
+  """References by size (dense first), then pruned rows by source, size, as listed."""
+  if row.kind != "pruned":
+    return (0, row.num_experts, 0)
+  return (1, row.source_experts, row.num_experts)
+
+
+def ordered_models(rows: Sequence[ResultRow]) -> list[str]:
+  """The models of `rows` in report order: references by size (dense first), then pruned
+  models by source and size, each group in the order first listed."""
+  first_index = {}
+  for index, row in enumerate(rows):
+    first_index.setdefault(row.model, (_row_order(row), index))
+  return sorted(first_index, key=first_index.get)
