@@ -3,7 +3,9 @@
 import csv
 import dataclasses
 import math
+import pathlib
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -286,3 +288,18 @@ def test_report_command_bad_input_exits_2_with_a_message(tmp_path, capsys, make_
     report.main(["report", *make_args(tmp_path)])
   assert exit_info.value.code == 2
   assert re.search(message, capsys.readouterr().err)
+
+
+def test_every_documented_report_command_parses():
+  """The README and docs name the report command's flags; a flag that does not exist
+  (as `--relative_to` once did) fails here."""
+  root = pathlib.Path(__file__).resolve().parents[2]
+  commands = []
+  for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+    text = path.read_text().replace("\\\n", " ")
+    commands += [(path.name, match.group(1)) for match in re.finditer(
+        r"python -m uncurl_jax\.study\.report\s+([^`#\n]*--[^`#\n]*)", text)]
+  assert commands, "no documented report command with flags"
+  for name, arguments in commands:
+    arguments = arguments.split(")")[0].strip()
+    report.command_parser().parse_args(shlex.split(arguments))  # exits 2 if it is wrong

@@ -345,6 +345,19 @@ def combined_report(rows: Sequence[ResultRow], sources: Sequence[str], *,
       markdown_table(rows, before_finetune=True), ""])
 
 
+def command_parser() -> argparse.ArgumentParser:
+  """The flags of `python -m uncurl_jax.study.report` (`main`)."""
+  parser = argparse.ArgumentParser(
+      prog="python -m uncurl_jax.study.report",
+      description="Tables and findings over several runs' results.csv files.")
+  parser.add_argument("results", nargs="+", metavar="RESULTS_CSV")
+  parser.add_argument("--output_dir", help="also write the combined results.csv, "
+                      "results.md and plots into this directory")
+  parser.add_argument("--lower_is_better", action="store_true",
+                      help="the scores are losses (default: accuracies)")
+  return parser
+
+
 def main(argv: Sequence[str]) -> None:
   """`python -m uncurl_jax.study.report [--output_dir=DIR] RESULTS_CSV ...`.
 
@@ -354,14 +367,7 @@ def main(argv: Sequence[str]) -> None:
   results.md, scores.png and pruning_factor.png of the combined rows there. Bad input
   (a missing or malformed file, runs that disagree) exits with code 2 and a message.
   """
-  parser = argparse.ArgumentParser(
-      prog="python -m uncurl_jax.study.report",
-      description="Tables and findings over several runs' results.csv files.")
-  parser.add_argument("results", nargs="+", metavar="RESULTS_CSV")
-  parser.add_argument("--output_dir", help="also write the combined results.csv, "
-                      "results.md and plots into this directory")
-  parser.add_argument("--lower_is_better", action="store_true",
-                      help="the scores are losses (default: accuracies)")
+  parser = command_parser()
   args = parser.parse_args(argv[1:])
   runs = []
   for path in args.results:
