@@ -295,13 +295,15 @@ def combine(runs: Sequence[Sequence[ResultRow]]) -> list[ResultRow]:
     for row in rows:
       key = (row.task, row.model, row.seed)
       first = kept.setdefault(key, row)
-      if first is not row and _fields(first) != _fields(row):
-        differing = [f.name for f in dataclasses.fields(row)
-                     if _fields(first)[f.name] != _fields(row)[f.name]]
+      if first is row:
+        continue
+      kept_fields, new_fields = _fields(first), _fields(row)
+      differing = [name for name in kept_fields if kept_fields[name] != new_fields[name]]
+      if differing:
         raise ValueError(
             f"run {run + 1} disagrees with an earlier run on {row.task} / {row.model} / "
-            f"seed {row.seed} ({', '.join(differing)}: {[_fields(first)[n] for n in differing]}"
-            f" vs {[_fields(row)[n] for n in differing]}); only runs that share their "
+            f"seed {row.seed} ({', '.join(differing)}: {[kept_fields[n] for n in differing]}"
+            f" vs {[new_fields[n] for n in differing]}); only runs that share their "
             "references exactly (one machine, one recipe) can be combined")
   return list(kept.values())
 
@@ -362,9 +364,9 @@ def main(argv: Sequence[str]) -> None:
   """`python -m uncurl_jax.study.report [--output_dir=DIR] RESULTS_CSV ...`.
 
   Reads the result files of several runs (e.g. of different seeds, factors or tasks over
-  one machine's stages), combines them (`combine`) and prints the table (mean ± SE), the
-  paired differences and the findings; with --output_dir it also writes results.csv,
-  results.md, scores.png and pruning_factor.png of the combined rows there. Bad input
+  one machine's stages), combines them (`combine`) and prints their report
+  (`combined_report`: tables, paired differences, findings); with --output_dir it also
+  writes it as results.md, with results.csv, scores.png and pruning_factor.png. Bad input
   (a missing or malformed file, runs that disagree) exits with code 2 and a message.
   """
   parser = command_parser()
@@ -383,21 +385,16 @@ def main(argv: Sequence[str]) -> None:
     parser.error(f"no results in {', '.join(args.results)}")
   print(f"{len(rows)} results from {len(args.results)} files; seeds "
         f"{sorted({r.seed for r in rows})}.\n")
-  print(markdown_table(rows, lower_is_better=args.lower_is_better))
-  print("\nPaired differences:\n")
-  print(differences_table(rows))
-  print("\nFindings:\n")
-  print(findings_text(statistics.findings(rows, pairs=pairs_of(rows),
-                                          lower_is_better=args.lower_is_better)))
+  text = combined_report(rows, args.results, lower_is_better=args.lower_is_better)
+  print(text)
   if args.output_dir:
     output_dir = os.path.abspath(args.output_dir)
     os.makedirs(output_dir, exist_ok=True)
     write_csv(rows, os.path.join(output_dir, "results.csv"))
-    text = combined_report(rows, args.results, lower_is_better=args.lower_is_better)
     _write_text_atomically(os.path.join(output_dir, "results.md"), text)
     plots.plot_scores(rows, os.path.join(output_dir, "scores.png"))
     plots.plot_pruning_factor(rows, os.path.join(output_dir, "pruning_factor.png"))
-    print(f"\nWrote results.csv, results.md, scores.png, pruning_factor.png in {output_dir}")
+    print(f"Wrote results.csv, results.md, scores.png, pruning_factor.png in {output_dir}")
 
 
 def _write_text_atomically(path: str, text: str) -> None:
