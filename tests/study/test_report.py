@@ -206,6 +206,28 @@ def test_plots_are_written(tmp_path):
     _assert_png(tmp_path / name)
 
 
+def test_pruning_factor_plot_has_one_legend_and_one_style_per_method(tmp_path):
+  rows = [ResultRow(task, "pruned", d, source_experts=32, method=method, router="bind",
+                    score=50.0 + d)
+          for task in ("a", "b") for d in (16, 8) for method in ("frequency", "uncurl")]
+  rows += [ResultRow("b", "pruned", d, source_experts=32, method="reap", router="bind",
+                     score=40.0) for d in (16, 8)]
+  rows += [ResultRow(task, "scratch", d, score=60.0) for task in ("a", "b") for d in (16, 8)]
+  figure = plots.plot_pruning_factor(rows, tmp_path / "factor.png")
+  _assert_png(tmp_path / "factor.png")
+  assert [len(axis.get_legend_handles_labels()[1]) for axis in figure.axes] == [3, 4]
+  assert all(axis.get_legend() is None for axis in figure.axes)
+  (legend,) = figure.legends
+  assert [t.get_text() for t in legend.get_texts()] == [
+      "frequency (bind)", "uncurl (bind)", "from scratch, 32 / x experts", "reap (bind)"]
+  styles = [{label: (handle.lines[0].get_color(), handle.lines[0].get_marker())
+             for handle, label in zip(*axis.get_legend_handles_labels())}
+            for axis in figure.axes]
+  for label, style in styles[0].items():
+    assert styles[1][label] == style
+  assert len({styles[1][label] for label in styles[1]}) == 4
+
+
 def test_differences_table_gives_95_percent_intervals_and_finds_frequency_by_method():
   rows = _seeds(_rows(), [{"+8e": 0.2}, {"+8e": 0.1}])
   rows += [dataclasses.replace(r, router="bind", score=r.score + 2.0)

@@ -14,6 +14,7 @@ import math
 import os
 from typing import Mapping, Sequence
 
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -92,18 +93,34 @@ def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
   _save(figure, path)
 
 
-def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h", "p")
+
+
+def _line_styles(labels: Sequence[str]) -> dict[str, dict]:
+  """A colour and marker per method label, the same in every panel (matplotlib's 10
+  colours, tab20's 20 beyond ten labels; the markers tell apart what colours repeat)."""
+  colors = [f"C{i}" for i in range(10)] if len(labels) <= 10 else [
+      matplotlib.colormaps["tab20"](i) for i in range(20)]
+  return {label: {"color": colors[i % len(colors)], "marker": _MARKERS[i % len(_MARKERS)]}
+          for i, label in enumerate(labels)}
+
+
+def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> Figure:
   """Mean score (± SE over seeds) against the pruning factor E/D per method; the
   same-size models from scratch as a dashed black line (where merging stops paying,
   the lines cross); the floor (`experts_off`) and the ceiling (`oracle`) arms, where
-  present, as a grey band that frames the methods.
+  present, as a grey band that frames the methods. Each method keeps its colour and
+  marker in every task's panel; one legend beside the panels names them. Returns the
+  figure (written to `path`).
 
   Example:
     >>> plot_pruning_factor(rows, "outputs/sweep/pruning_factor.png")
   """
   tasks = list(dict.fromkeys(row.task for row in rows))
   summary = statistics.summarize(rows)
-  figure = Figure(figsize=(5.0 * len(tasks), 3.8))
+  styles = _line_styles(list(dict.fromkeys(
+      r.model.split(" ", 1)[1] for r in rows if r.kind == "pruned")))
+  figure = Figure(figsize=(4.2 * len(tasks), 3.8))
   for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
     pruned = [r for r in rows if r.task == task and r.kind == "pruned"]
     sources = sorted({r.source_experts for r in pruned})
@@ -131,7 +148,8 @@ def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> N
         points = [(source / d, *_estimate_or_nan(summary, (task, f"{source}->{d} {label}")))
                   for d in sizes]
         x, y, err = zip(*points)
-        axis.errorbar(x, y, yerr=err, marker="o", capsize=2, label=prefix + label)
+        axis.errorbar(x, y, yerr=err, capsize=2, label=prefix + label, markersize=4,
+                      **styles[label])
       scratch = [(source / d, *_estimate_or_nan(summary, (task, f"+{d}e")))
                  for d in sorted({r.num_experts for r in pruned}, reverse=True)
                  if d and d < source and source % d == 0 and (task, f"+{d}e") in summary]
@@ -143,8 +161,15 @@ def plot_pruning_factor(rows: Sequence[ResultRow], path: str | os.PathLike) -> N
     axis.set_xlabel("pruning factor E / D")
     axis.set_ylabel(rows[0].metric)
     axis.set_title(task)
-    axis.legend(fontsize=6)
+  legend = {}
+  for axis in figure.axes:
+    for handle, label in zip(*axis.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  figure.legend(list(legend.values()), list(legend.keys()), fontsize=7,
+                loc="center left", bbox_to_anchor=(1.0, 0.5))
+  figure.tight_layout()
   _save(figure, path)
+  return figure
 
 
 def cluster_order(labels: Sequence[int]) -> np.ndarray:
