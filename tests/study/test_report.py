@@ -228,6 +228,19 @@ def test_pruning_factor_plot_has_one_legend_and_one_style_per_method(tmp_path):
   assert len({styles[1][label] for label in styles[1]}) == 4
 
 
+def test_scores_plot_names_shared_models_once(tmp_path):
+  rows = [ResultRow(task, "scratch", d, score=60.0 + d) for task in ("a", "b") for d in (8, 16)]
+  figure = plots.plot_scores(rows, tmp_path / "scores.png")
+  _assert_png(tmp_path / "scores.png")
+  names = [[t.get_text() for t in axis.get_yticklabels() if t.get_text()]
+           for axis in figure.axes]  # from the bottom up
+  assert names == [["+8e", "+16e"], []]
+  figure = plots.plot_scores(rows[:3], tmp_path / "scores.png")  # b lacks +16e
+  names = [[t.get_text() for t in axis.get_yticklabels() if t.get_text()]
+           for axis in figure.axes]
+  assert names == [["+8e", "+16e"], ["+8e"]]
+
+
 def test_differences_table_gives_95_percent_intervals_and_finds_frequency_by_method():
   rows = _seeds(_rows(), [{"+8e": 0.2}, {"+8e": 0.1}])
   rows += [dataclasses.replace(r, router="bind", score=r.score + 2.0)

@@ -58,9 +58,10 @@ def _estimate_or_nan(summary, key) -> tuple[float, float]:
   return estimate.mean, (estimate.se if math.isfinite(estimate.se) else 0.0)
 
 
-def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
+def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> Figure:
   """Horizontal bars: every model's mean score per task with its standard error over
-  seeds; dashed lines mark the same-size models from scratch.
+  seeds; dashed lines mark the same-size models from scratch. Tasks with the same models
+  name them once, left of the first panel. Returns the figure (written to `path`).
 
   Example:
     >>> plot_scores(rows, "outputs/synthetic/scores.png")
@@ -71,13 +72,16 @@ def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
   kinds = {row.model: row.kind for row in rows}
   figure = Figure(figsize=(4.5 * len(tasks), 0.35 * len(models) + 1.5))
   colors = {"dense": "0.6", "scratch": "tab:gray", "pruned": "tab:blue"}
-  for axis, task in zip(_task_axes(figure, len(tasks)), tasks):
-    shown = [m for m in models if (task, m) in summary]
+  shown_by_task = [[m for m in models if (task, m) in summary] for task in tasks]
+  shared = all(shown == shown_by_task[0] for shown in shown_by_task)
+  for i, (axis, task, shown) in enumerate(zip(_task_axes(figure, len(tasks)), tasks,
+                                              shown_by_task)):
     means, errors = zip(*(_estimate_or_nan(summary, (task, m)) for m in shown))
     positions = np.arange(len(shown))[::-1]
     axis.barh(positions, means, xerr=errors, color=[colors[kinds[m]] for m in shown],
               error_kw={"linewidth": 0.8})
-    axis.set_yticks(positions, shown, fontsize=8)
+    # The same models in every panel: their names once, left of the first.
+    axis.set_yticks(positions, shown if i == 0 or not shared else [], fontsize=8)
     sizes = sorted({r.num_experts for r in rows if r.task == task and r.kind == "pruned"})
     for size in sizes:
       reference = summary.get((task, f"+{size}e" if size else "dense"))
@@ -90,7 +94,9 @@ def plot_scores(rows: Sequence[ResultRow], path: str | os.PathLike) -> None:
     axis.set_xlim(max(0.0, low - 0.1 * (high - low + 1.0)), high * 1.02 + 0.5)
     axis.set_title(task)
     axis.set_xlabel(f"{rows[0].metric} (mean ± SE over seeds)")
+  figure.tight_layout()
   _save(figure, path)
+  return figure
 
 
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "*", "h", "p")
