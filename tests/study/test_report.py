@@ -338,3 +338,20 @@ def test_every_documented_report_command_parses():
   for name, arguments in commands:
     arguments = arguments.split(")")[0].strip()
     report.command_parser().parse_args(shlex.split(arguments))  # exits 2 if it is wrong
+
+
+def test_the_committed_full_report_is_its_parts_combined():
+  """docs/study.md: docs/results/full/results.csv is `combine` over full.gin's parts (the
+  facts_task part, the property tasks at 2x-4x, their 8x-16x parts seed by seed), which
+  agree on every shared reference: 990 results, seeds 0-4, three tasks, four factors."""
+  root = pathlib.Path(__file__).resolve().parents[2] / "docs" / "results"
+  parts = [root / "full" / "facts_task.csv", root / "property_2x_4x" / "results.csv",
+           *sorted((root / "property_8x_16x").glob("*.csv"))]
+  combined = report.combine([report.read_csv(path) for path in parts])
+  committed = report.read_csv(root / "full" / "results.csv")
+  key = lambda row: (row.task, row.model, row.seed)  # noqa: E731
+  assert sorted(combined, key=key) == sorted(committed, key=key)
+  assert len(committed) == 990 and {r.seed for r in committed} == set(range(5))
+  assert {r.task for r in committed} == {"facts_task", "facts_property", "facts_property_b"}
+  assert {r.source_experts // r.num_experts for r in committed if r.kind == "pruned"} == {
+      2, 4, 8, 16}
